@@ -1,0 +1,42 @@
+"""User-facing errors and the exit statuses of the contract.
+
+Every mistake a user can make (a bad path, a malformed record, a wrong key) is raised as a
+``LeantuneError`` subclass; the CLI prints ``leantune: error: WHERE: WHAT`` and exits with
+the class's status, without a traceback (``--debug`` shows it).
+"""
+from __future__ import annotations
+
+
+class LeantuneError(Exception):
+    """Base class: ``where`` is a file, file:line or config key; ``what`` one sentence."""
+
+    exit_code = 1
+
+    def __init__(self, where: str, what: str):
+        self.where = str(where)
+        self.what = str(what)
+        super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
+
+
+class UsageError(LeantuneError):
+    """Bad command line or config (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(LeantuneError):
+    """Bad training / eval data (exit 3)."""
+
+    exit_code = 3
+
+
+class ModelError(LeantuneError):
+    """Bad model, checkpoint or adapter (exit 4)."""
+
+    exit_code = 4
+
+
+class GateError(LeantuneError):
+    """An eval gate was not met (exit 5)."""
+
+    exit_code = 5
