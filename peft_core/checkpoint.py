@@ -1,0 +1,158 @@
+"""Load and save Hugging Face model folders.
+
+Loading builds the model on the meta device (no memory), then reads the checkpoint tensor by
+tensor straight into its parameter in the requested dtype: peak memory is the model plus one
+tensor of the file's dtype when a conversion is needed. Sharded checkpoints
+(``model.safetensors.index.json``) are read shard by shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .errors import ModelError
+from .model import LlamaForCausalLM
+from .safetensors_io import SafetensorsFile, write_safetensors
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir) -> list[Path]:
+    """The safetensors files of a model folder (one file, or the shards of an index)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelError(str(d), "model folder not found")
+    single = d / "model.safetensors"
+    index = d / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(str(index), f"malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (d / f).is_file():
+                raise ModelError(str(d / f), "shard listed in the index is missing")
+        return [d / f for f in files]
+    raise ModelError(str(d), "no model.safetensors or model.safetensors.index.json")
+
+
+def resolve_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r} (choose float32, bfloat16 or float16)")
+    return table[name]
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, requires_grad: bool):
+    *path, leaf = name.split(".")
+    module = model
+    for p in path:
+        module = getattr(module, p)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_model(model_dir, dtype=torch.float32, device="cpu", quant: str | None = None,
+               quant_options: dict | None = None) -> LlamaForCausalLM:
+    """A model folder -> ``LlamaForCausalLM`` in ``dtype`` on ``device``.
+
+    ``quant`` ("nf4" | "fp4") quantizes the decoder linears while streaming: each weight is
+    read, quantized and freed. A folder that already holds a bitsandbytes 4-bit checkpoint
+    (``quantization_config`` in config.json) is loaded as 4-bit whatever ``quant`` says.
+    """
+    dtype = resolve_dtype(dtype)
+    if not Path(model_dir).is_dir():
+        raise ModelError(str(model_dir), "model folder not found")
+    cfg = ModelConfig.from_dir(model_dir)
+    files = checkpoint_files(model_dir)
+    qcfg = cfg.extra.get("quantization_config")
+    if qcfg or quant not in (None, "none"):
+        from quant.loading import load_quantized  # the 4-bit path lives with quant/
+
+        return load_quantized(cfg, files, dtype=dtype, device=device, quant=quant,
+                              options=quant_options or {})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = dict(model.state_dict(keep_vars=True))
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    seen = set()
+    for path in files:
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            if name not in expected:
+                raise ModelError(str(path), f"unexpected tensor {name!r} for a {cfg.model_type} model")
+            want = tuple(expected[name].shape)
+            if tuple(f.shape(name)) != want:
+                raise ModelError(str(path), f"tensor {name!r} has shape {list(f.shape(name))}, "
+                                            f"the config implies {list(want)}")
+            t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
+            _set_tensor(model, name, t.to(device), requires_grad=True)
+            seen.add(name)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ModelError(str(Path(model_dir)), f"checkpoint lacks tensor {missing[0]!r}"
+                                               f" ({len(missing)} missing)")
+    model.tie_weights()
+    model.init_non_persistent()
+    return model
+
+
+def save_model(model: LlamaForCausalLM, out_dir, dtype=None, extra_config: dict | None = None,
+               copy_tokenizer_from=None):
+    """Write ``config.json`` + ``model.safetensors`` (atomically), optionally in ``dtype``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(dtype) if dtype is not None else None
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        sd[k] = v.to(dtype) if (dtype is not None and v.is_floating_point()) else v
+    write_safetensors(sd, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = model.config.to_hf_dict()
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    cfg.pop("quantization_config", None)
+    cfg.update(extra_config or {})
+    write_json(out / "config.json", cfg)
+    if copy_tokenizer_from is not None:
+        copy_tokenizer_files(copy_tokenizer_from, out)
+    return out
+
+
+def copy_tokenizer_files(src_dir, dst_dir):
+    for name in TOKENIZER_FILES:
+        src = Path(src_dir) / name
+        if src.is_file() and Path(src).resolve() != (Path(dst_dir) / name).resolve():
+            shutil.copyfile(src, Path(dst_dir) / name)
+
+
+def write_json(path, obj):
+    """Atomic JSON write (temp file in the same folder, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,175 @@
+"""ModelConfig: the Hugging Face ``config.json`` fields a Llama-family decoder needs.
+
+Supported families (all the same decoder with small switches):
+
+| model_type | switches |
+| --- | --- |
+| llama (Llama 2/3/3.1, SmolLM2, TinyLlama) | optional llama3 RoPE scaling, attention_bias, mlp_bias |
+| mistral | sliding_window |
+| qwen2 | q/k/v bias (always), sliding window off unless use_sliding_window |
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (no GQA)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o (Llama's switch)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: keys older than this are not attended
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # every other key, kept on save
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    # -- Hugging Face config.json -------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        archs = d.get("architectures") or []
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(
+                where,
+                f"unsupported model_type {mt!r} (architectures {archs}); supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES),
+            )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        for k in required:
+            if not isinstance(d.get(k), int) or d[k] <= 0:
+                raise ModelError(where, f"key {k!r} must be a positive integer, got {d.get(k)!r}")
+        # transformers >= 5 moves rope settings to "rope_parameters"
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or None
+        if scaling is None and rope.get("rope_type", "default") not in ("default", None):
+            scaling = dict(rope)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind == "default":
+                scaling = None
+            elif kind != "llama3":
+                raise ModelError(where, f"rope scaling type {kind!r} is not supported (supported: llama3)")
+        sliding = None
+        if mt == "mistral":
+            sliding = d.get("sliding_window")
+        elif mt == "qwen2" and d.get("use_sliding_window"):
+            sliding = d.get("sliding_window")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
+            qkv_bias=(mt == "qwen2"),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            model_type=mt,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=d.get("torch_dtype", d.get("dtype")),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_hf_dict(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        d = dict(self.extra)
+        d.update(
+            architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+        if self.torch_dtype is not None:
+            d["torch_dtype"] = self.torch_dtype
+        d.pop("rope_parameters", None)
+        return d
+
+    @classmethod
+    def from_dir(cls, model_dir) -> "ModelConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelError(str(path), "no config.json (expected a Hugging Face model folder)")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(str(path), f"not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelError(str(path), "expected a JSON object")
+        return cls.from_hf_dict(d, where=str(path))
+
+
+def llama3_inv_freq(inv_freq, scaling: dict):
+    """Llama 3.1 RoPE scaling: stretch low frequencies by ``factor``, keep high ones,
+    interpolate smoothly in between (the published llama3 recipe)."""
+    import torch
+
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen = old_ctx / low
+    high_wavelen = old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)

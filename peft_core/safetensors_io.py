@@ -1,0 +1,144 @@
+"""A validating, streaming reader for the safetensors format, and an atomic writer.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the raw data (offsets are relative to the end of the header).
+
+The reader checks every header claim against the file size before allocating anything, so
+a truncated or crafted file is a one-line ``ModelError``; tensors are read with ``readinto``
+straight into their destination (one copy, no mmap pages left resident).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # 100 MB of JSON is far beyond any real checkpoint
+
+
+class SafetensorsFile:
+    """Random access to the tensors of one ``.safetensors`` file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        where = str(self.path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ModelError(where, "truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, MAX_HEADER):
+                    raise ModelError(where, f"header claims {n} bytes but the file has {size}")
+                raw = f.read(n)
+        except OSError as e:
+            raise ModelError(where, f"cannot read ({e.strerror})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(where, f"corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ModelError(where, "corrupt safetensors header (not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple, int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ModelError(where, f"tensor {name!r}: malformed header entry {e!r}") from None
+            numel = 1
+            for s in shape:
+                if s < 0:
+                    raise ModelError(where, f"tensor {name!r}: negative dimension in {shape}")
+                numel *= s
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if not (0 <= begin <= end) or end - begin != nbytes:
+                raise ModelError(where, f"tensor {name!r}: offsets {begin}..{end} do not match "
+                                        f"{e['dtype']} {list(shape)} ({nbytes} bytes)")
+            if end > data_len:
+                raise ModelError(where, f"truncated: tensor {name!r} ends at byte "
+                                        f"{self.data_start + end}, the file has {size}")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self):
+        return list(self.entries)
+
+    def dtype(self, name):
+        return self.entries[name][0]
+
+    def shape(self, name):
+        return self.entries[name][1]
+
+    def read(self, name, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor on the CPU, converted to ``dtype`` if given (one temporary of the file's
+        dtype only when a conversion is needed)."""
+        src_dtype, shape, begin, end = self.entries[name]
+        out = torch.empty(shape, dtype=src_dtype)
+        if end > begin:
+            buf = out.view(-1).view(torch.uint8).numpy() if out.dim() else out.reshape(1).view(torch.uint8).numpy()
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(memoryview(buf))
+            if got != end - begin:
+                raise ModelError(str(self.path), f"truncated while reading tensor {name!r}")
+        if dtype is not None and dtype != src_dtype:
+            out = out.to(dtype)
+        return out
+
+
+def write_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Write ``tensors`` atomically: to a temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    header, offset = {}, 0
+    items = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be saved")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        items.append(t)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data start to 8 bytes
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in items:
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_safetensors(path, dtype=None) -> dict:
+    f = SafetensorsFile(path)
+    return {k: f.read(k, dtype) for k in f.keys()}

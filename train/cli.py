@@ -1,0 +1,158 @@
+"""The ``leantune`` command line (also ``python -m train``).
+
+Each sub-command is a small function taking the parsed arguments. User mistakes raise a
+``LeantuneError``; ``main`` turns it into one line ``leantune: error: WHERE: WHAT`` and the
+contract's exit status (2 usage/config, 3 data, 4 model/checkpoint/adapter, 5 gate, 1 other).
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peft_core.errors import LeantuneError, ModelError, UsageError
+
+PROG = "leantune"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as one contract line and exit status 2."""
+
+    def error(self, message):
+        raise UsageError(self.prog, message)
+
+
+def _is_tty(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+# -- sub-commands -------------------------------------------------------------------------
+def cmd_import_gguf(args):
+    from peft_core.gguf_import import import_gguf
+
+    out = import_gguf(args.file, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out}")
+
+
+def cmd_quantize(args):
+    from quant.serialize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.model_dir, args.out_dir, quant_type=args.quant,
+                              blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                              compute_dtype=args.compute_dtype)
+    print(f"wrote {out}")
+
+
+def cmd_generate(args):
+    import torch
+
+    from peft_core.checkpoint import load_model
+    from peft_core.generate import generate
+    from peft_core.tokenizer import StreamDecoder, Tokenizer
+
+    if (args.prompt is None) == (args.chat is None):
+        raise UsageError("generate", "give exactly one of --prompt TEXT or --chat TEXT")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens", "must be at least 1")
+    if not (0.0 < args.top_p <= 1.0) or args.temperature < 0:
+        raise UsageError("--top-p/--temperature", "top-p must be in (0, 1], temperature >= 0")
+    tok = Tokenizer.from_dir(args.model_dir)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model_dir, dtype=torch.float32,
+                       quant=None if args.quant == "none" else args.quant)
+    if args.adapter:
+        from peft_core.adapters import load_adapter  # adapters land with their issue
+
+        load_adapter(model, args.adapter)
+    if args.chat is not None:
+        text = tok.apply_chat_template([{"role": "user", "content": args.chat}],
+                                       add_generation_prompt=True)
+        ids = tok.encode(text)
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+    stream = _is_tty(sys.stdout)
+    decoder = StreamDecoder(tok, skip_special_tokens=True)
+
+    def on_tokens(step):
+        if stream and step[0] is not None and step[0] not in tok.eos_token_ids:
+            sys.stdout.write(decoder.put(step[0]))
+            sys.stdout.flush()
+
+    new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_token_ids=tok.eos_token_ids,
+                   pad_token_id=tok.pad_token_id, on_tokens=on_tokens)[0]
+    if stream:
+        sys.stdout.write(decoder.flush() + "\n")
+    else:
+        print(tok.decode([t for t in new if t not in tok.eos_token_ids], skip_special_tokens=True))
+
+
+# -- the parser ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="leantune: lean LoRA / QLoRA fine-tuning")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("import-gguf", help="a Llama-family GGUF file to a Hugging Face folder")
+    s.add_argument("file")
+    s.add_argument("out_dir")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(func=cmd_import_gguf)
+
+    s = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
+    s.add_argument("model_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--quant", default="nf4", choices=["nf4", "fp4"])
+    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--no-double-quant", action="store_true")
+    s.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("generate", help="generate text (greedy by default)")
+    s.add_argument("model_dir")
+    s.add_argument("--adapter")
+    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"])
+    s.add_argument("--prompt")
+    s.add_argument("--chat")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "func", None) is None:
+            raise UsageError(PROG, "give a sub-command (see 'leantune --help')")
+        args.func(args)
+        return 0
+    except LeantuneError as e:
+        if debug:
+            raise
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (MemoryError, OSError) as e:
+        if debug:
+            raise
+        where = getattr(e, "filename", None) or type(e).__name__
+        print(f"{PROG}: error: {where}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else: one line, the traceback under --debug
+        if debug:
+            raise
+        print(f"{PROG}: error: internal: {type(e).__name__}: {e} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry():
+    sys.exit(main())
