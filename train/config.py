@@ -1,0 +1,223 @@
+"""The training / eval config: typed dataclasses, TOML loading, ``--set`` overrides.
+
+Every key has a default (the CONTRACT's table). Unknown sections or keys are rejected with a
+did-you-mean; values are type-checked and range-checked; every error names ``section.key``
+(and the file) and exits with status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft_core.errors import UsageError
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # a Hugging Face model folder; "" -> the embedded SmolLM2 (imported once)
+    quant: str = "nf4"  # "nf4" | "fp4" | "none"
+    compute_dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    blocksize: int = 64
+    double_quant: bool = True
+
+
+@dataclass
+class AdapterSection:
+    kind: str = "lora"  # a registered variant ("lora", "dora", ...) or "none" (full fine-tune)
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str | list = "all-linear"
+    init: str = "default"
+    rslora: bool = False
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    eval: str = ""
+    max_len: int = 1024
+    format: str = "auto"  # "auto" | "text" | "prompt_completion" | "messages"
+    pack: bool = True
+    mask_prompt: bool = True
+    mask_mode: str = "all_assistant"  # or "last_assistant"
+
+
+@dataclass
+class TrainSection:
+    out: str = "runs/leantune"
+    seed: int = 0
+    lr: float = 2e-4
+    max_steps: int = 0  # 0 -> epochs decide
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "constant" | "linear" | "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0  # 0 disables clipping
+    grad_checkpoint: bool = False
+    save_every: int = 0
+    eval_every: int = 0
+    log_every: int = 1
+    optimizer: str = "adamw"  # "adamw" | "adamw8bit"
+    loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy
+    max_nan_steps: int = 5  # consecutive non-finite steps before aborting (with a checkpoint)
+
+
+@dataclass
+class EvalSection:
+    data: str = ""
+    metrics: list = field(default_factory=lambda: ["loss", "exact", "json"])
+    baselines: list = field(default_factory=lambda: ["base", "prompted"])
+    shots: int = 3
+    max_new_tokens: int = 128
+    require_lift: float = 0.0
+    batch_size: int = 8
+    max_items: int = 0  # 0 -> all
+    general_text: str = ""  # "" -> the bundled general-text set for the regression check
+    kl_threshold: float = 0.5
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    source: str = ""  # the file it was read from (for messages and relative paths)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+CHOICES = {
+    ("model", "quant"): ("nf4", "fp4", "none"),
+    ("model", "compute_dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("data", "format"): ("auto", "text", "prompt_completion", "messages"),
+    ("data", "mask_mode"): ("all_assistant", "last_assistant"),
+    ("train", "schedule"): ("constant", "linear", "cosine"),
+    ("train", "optimizer"): ("adamw", "adamw8bit"),
+}
+POSITIVE = {("adapter", "r"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
+            ("train", "epochs"), ("model", "blocksize"), ("train", "loss_chunk"),
+            ("eval", "max_new_tokens"), ("eval", "batch_size"), ("train", "max_nan_steps")}
+NON_NEGATIVE = {("train", "max_steps"), ("train", "warmup_steps"), ("train", "save_every"),
+                ("train", "eval_every"), ("train", "weight_decay"), ("train", "clip"),
+                ("eval", "shots"), ("eval", "max_items"), ("train", "lr"), ("train", "seed"),
+                ("train", "log_every")}
+
+
+def _suggest(word, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(value, default, where):
+    """Coerce/validate one value against the type of its default."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(where, f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(where, f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(where, f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise UsageError(where, f"expected a table, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise UsageError(where, f"expected a list, got {value!r}")
+        return value
+    if isinstance(default, str) and not isinstance(default, bool):
+        if where.endswith("adapter.targets") and isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise UsageError(where, "expected a list of module-name patterns")
+            return value
+        if not isinstance(value, str):
+            raise UsageError(where, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_dict(cfg: Config, data: dict, source: str) -> Config:
+    prefix = f"{source}: " if source else ""
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    for sec_name, values in data.items():
+        if sec_name not in sections:
+            raise UsageError(f"{prefix}[{sec_name}]", "unknown section" + _suggest(sec_name, sections))
+        if not isinstance(values, dict):
+            raise UsageError(f"{prefix}[{sec_name}]", "expected a table of keys")
+        section = getattr(cfg, sec_name)
+        keys = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            where = f"{prefix}{sec_name}.{key}"
+            if key not in keys:
+                raise UsageError(where, "unknown key" + _suggest(key, keys))
+            value = _check_type(value, getattr(section, key), where)
+            choices = CHOICES.get((sec_name, key))
+            if choices and value not in choices:
+                raise UsageError(where, f"must be one of {', '.join(choices)}; got {value!r}"
+                                 + _suggest(str(value), choices))
+            if (sec_name, key) in POSITIVE and value <= 0:
+                raise UsageError(where, f"must be positive, got {value!r}")
+            if (sec_name, key) in NON_NEGATIVE and value < 0:
+                raise UsageError(where, f"must be >= 0, got {value!r}")
+            setattr(section, key, value)
+    if not 0.0 <= cfg.adapter.dropout < 1.0:
+        raise UsageError(f"{prefix}adapter.dropout", f"must be in [0, 1), got {cfg.adapter.dropout}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``section.key=value`` with a TOML value (bare words are taken as strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UsageError("--set", f"expected section.key=value, got {text!r}")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path, overrides=()) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(str(path), "config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(str(path), f"cannot read ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(str(path), f"invalid TOML: {e}") from None
+    cfg = apply_dict(Config(source=str(path)), data, str(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_dict(cfg, {section: {key: value}}, "--set")
+    # relative data / output paths are relative to the config file's folder
+    base = path.resolve().parent
+    for sec, key in (("data", "train"), ("data", "eval"), ("eval", "data"), ("train", "out"),
+                     ("model", "path"), ("eval", "general_text")):
+        section = getattr(cfg, sec)
+        value = getattr(section, key)
+        if value and not Path(value).is_absolute():
+            setattr(section, key, str(base / value))
+    return cfg
