@@ -1,0 +1,552 @@
+/*
+ * quant4bit.c: CPU kernels for 4-bit NF4 / FP4 blockwise quantization (leantune).
+ *
+ * Plain C ABI over raw pointers, loaded with ctypes by quant/cpu_kernels.py, which
+ * compiles this file on first use. The PyTorch reference in quant/functional.py is the
+ * spec; every kernel here is bit-exact against it (the GEMVs excepted: their weights are
+ * bit-exact, their dot products are summed in another order).
+ *
+ * Layout (bitsandbytes' serialization, see quant/state.py):
+ *
+ *   packed  uint8 [ceil(numel / 2)]   two 4-bit codes a byte; element 2j in the HIGH
+ *                                     nibble, element 2j + 1 in the low nibble
+ *   absmax  fp32  [ceil(numel / bs)]  one scale per block of bs consecutive elements
+ *                                     (the last block may be short)
+ *   code    fp32  [16]                the NF4 / FP4 value table, index = 4-bit code
+ *
+ *   nibble(i) = (packed[i / 2] >> (i % 2 ? 0 : 4)) & 15
+ *   w[i]      = code[nibble(i)] * absmax[i / bs]                    (one fp32 multiply)
+ *
+ * Because w[i] is a single fp32 product, a per-block table lut[c] = code[c] * absmax[b]
+ * gives exactly the same values; all dequantizing kernels decode through such a table.
+ *
+ * Quantizing one block (bitsandbytes' CPU path, `quantize_4bit` "default" kernel):
+ *
+ *   amax = max_i |x[i]|                                   (NaN if any x[i] is NaN)
+ *   full block:  absmax[b] = amax,                 s[i] = x[i] * (1.0f / max(amax, 1e-38f))
+ *   tail block:  absmax[b] = max(amax, 1e-38f),    s[i] = x[i] / absmax[b]
+ *                (the tail is the short last block when numel % bs != 0; it is the
+ *                 whole tensor when numel < bs)
+ *   q[i]    = #{ j < 15 : !(s[i] <= bounds[j]) }      (torch.bucketize, right=False;
+ *                                                        NaN lands past the last bound)
+ *   code[i] = order[q[i]]
+ *
+ * where bounds[j] = (code[order[j]] + code[order[j + 1]]) / 2 over the sorted table and
+ * order = argsort(code); both are computed by the Python wrapper with the same torch
+ * expressions bitsandbytes uses, so ties and the two zeros of FP4 resolve identically.
+ * The clamp of s to [-1, 1] that the reference applies does not change q (every bound
+ * lies strictly inside (-1, 1)), so it is not done here. When numel is odd the low
+ * nibble of the last byte holds the code of s = 0 (the reference pads with a zero).
+ *
+ * ISA: the AVX2 paths are compiled when the loader passes -mavx2 -mfma -mf16c (it does
+ * so only when the CPU has them); otherwise the scalar loops below are the whole kernel.
+ * Threads: OpenMP with an explicit thread count from the caller (torch.get_num_threads());
+ * loaded into a process that already holds torch's libgomp, so both share one pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LT_AVX2 1
+#else
+#define LT_AVX2 0
+#endif
+
+#define LT_EXPORT __attribute__((visibility("default")))
+
+/* Output element types of the dequantizing kernels. */
+enum { LT_F32 = 0, LT_BF16 = 1, LT_F16 = 2 };
+
+/* Work below this many elements per thread is not worth waking another thread for. */
+#define LT_MIN_ELEMS_PER_THREAD (1 << 15)
+
+static int lt_threads_for(int64_t work, int64_t min_per_thread, int nthreads)
+{
+    int64_t nt = work / min_per_thread;
+    if (nt > nthreads) nt = nthreads;
+    return nt < 1 ? 1 : (int)nt;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Scalar conversions, bit-exact with c10::BFloat16 / c10::Half (round to nearest even). */
+
+static inline uint32_t lt_f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float lt_bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t lt_f32_to_bf16(float f)
+{
+    if (f != f) return 0x7fc0; /* c10 maps every NaN to this quiet NaN */
+    uint32_t u = lt_f32_bits(f);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* fp16_ieee_from_fp32_value from the FP16 library, which c10::Half uses. */
+static inline uint16_t lt_f32_to_f16(float f)
+{
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = lt_f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = lt_bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = lt_f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+    const uint32_t mantissa_bits = bits & 0x00000fffu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* AVX2 helpers. */
+
+#if LT_AVX2
+/* 16-entry float table lookup: table[idx] for 8 int32 indices in 0..15.
+ * permutevar8x32 uses the low 3 bits; bit 3 picks the upper half (via the sign bit). */
+static inline __m256 lt_lut16_ps(__m256i idx, __m256 table_lo, __m256 table_hi)
+{
+    __m256 from_lo = _mm256_permutevar8x32_ps(table_lo, idx);
+    __m256 from_hi = _mm256_permutevar8x32_ps(table_hi, idx);
+    return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* 16 packed bytes -> the 32 nibbles in element order (high nibble first), as 32 bytes. */
+static inline void lt_unpack32(const uint8_t *p, __m128i *nib_0_15, __m128i *nib_16_31)
+{
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    __m128i lo = _mm_and_si128(bytes, mask);
+    *nib_0_15 = _mm_unpacklo_epi8(hi, lo);
+    *nib_16_31 = _mm_unpackhi_epi8(hi, lo);
+}
+
+/* 8 fp32 -> 8 bf16 (round to nearest even, NaN -> 0x7fc0) in the low 16 bits of int32s. */
+static inline __m256i lt_cvt_bf16_epi32(__m256 v)
+{
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256 is_nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                                _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), is_nan));
+}
+
+/* Store 8 floats at out + t in the output type `kind`. */
+static inline void lt_store8(void *out, int64_t t, __m256 v, int kind)
+{
+    if (kind == LT_F32) {
+        _mm256_storeu_ps((float *)out + t, v);
+    } else if (kind == LT_BF16) {
+        __m256i r = lt_cvt_bf16_epi32(v);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + t), packed);
+    } else {
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + t), h);
+    }
+}
+#endif
+
+static inline void lt_store1(void *out, int64_t t, float v, int kind)
+{
+    if (kind == LT_F32)
+        ((float *)out)[t] = v;
+    else if (kind == LT_BF16)
+        ((uint16_t *)out)[t] = lt_f32_to_bf16(v);
+    else
+        ((uint16_t *)out)[t] = lt_f32_to_f16(v);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Dequantize. */
+
+/*
+ * One block segment: elements [i0, i0 + n) of the flat tensor, all in one block, whose
+ * scaled table is lut[c] = code[c] * absmax[block]. Writes out[t] = lut[nibble(i0 + t)].
+ */
+static inline __attribute__((always_inline)) void
+lt_dequant_segment(const uint8_t *packed, int64_t i0, int64_t n, const float *lut, void *out, int kind)
+{
+    int64_t t = 0;
+    if ((i0 & 1) && n > 0) { /* odd start: the low nibble of its byte */
+        lt_store1(out, 0, lut[packed[i0 >> 1] & 15], kind);
+        t = 1;
+    }
+    const uint8_t *p = packed + ((i0 + t) >> 1); /* element i0 + t is the high nibble of *p */
+#if LT_AVX2
+    __m256 table_lo = _mm256_loadu_ps(lut);
+    __m256 table_hi = _mm256_loadu_ps(lut + 8);
+    for (; t + 32 <= n; t += 32, p += 16) {
+        __m128i nib_a, nib_b;
+        lt_unpack32(p, &nib_a, &nib_b);
+        lt_store8(out, t + 0, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi), kind);
+        lt_store8(out, t + 8, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi), kind);
+        lt_store8(out, t + 16, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi), kind);
+        lt_store8(out, t + 24, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi), kind);
+    }
+#endif
+    for (; t + 2 <= n; t += 2, p++) {
+        lt_store1(out, t, lut[*p >> 4], kind);
+        lt_store1(out, t + 1, lut[*p & 15], kind);
+    }
+    if (t < n) lt_store1(out, t, lut[*p >> 4], kind);
+}
+
+/* Serial: elements [i0, i0 + n) of the flat tensor into out[0 .. n), block by block. */
+static inline __attribute__((always_inline)) void
+lt_dequant_range(const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
+                 int64_t i0, int64_t n, void *out, int kind)
+{
+    float lut[16];
+    int64_t t = 0;
+    while (t < n) {
+        int64_t i = i0 + t;
+        int64_t block = i / blocksize;
+        int64_t seg = (block + 1) * blocksize - i; /* to the end of this block */
+        if (seg > n - t) seg = n - t;
+        const float scale = absmax[block];
+        for (int c = 0; c < 16; c++) lut[c] = code[c] * scale;
+        void *seg_out = kind == LT_F32 ? (void *)((float *)out + t) : (void *)((uint16_t *)out + t);
+        lt_dequant_segment(packed, i, seg, lut, seg_out, kind);
+        t += seg;
+    }
+}
+
+static void lt_dequant_parallel(const uint8_t *packed, const float *absmax, const float *code,
+                                int64_t blocksize, int64_t numel, void *out, int kind, int nthreads)
+{
+    const int nt = lt_threads_for(numel, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    const size_t elem_size = kind == LT_F32 ? 4 : 2;
+    /* Contiguous chunks, cut at multiples of 64 elements (whole cache lines of output). */
+    const int64_t chunk = ((numel + nt - 1) / nt + 63) / 64 * 64;
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
+    for (int tid = 0; tid < nt; tid++) {
+        int64_t begin = (int64_t)tid * chunk;
+        int64_t end = begin + chunk < numel ? begin + chunk : numel;
+        if (begin >= end) continue;
+        void *chunk_out = (char *)out + begin * elem_size;
+        if (kind == LT_F32)
+            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_F32);
+        else if (kind == LT_BF16)
+            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_BF16);
+        else
+            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_F16);
+    }
+}
+
+/*
+ * out[i] = code[nibble(i)] * absmax[i / blocksize] for i in [0, numel), as fp32 / bf16 / fp16.
+ */
+LT_EXPORT void lt_dequant4_f32(const uint8_t *packed, const float *absmax, const float *code,
+                               int64_t blocksize, int64_t numel, float *out, int nthreads)
+{
+    lt_dequant_parallel(packed, absmax, code, blocksize, numel, out, LT_F32, nthreads);
+}
+
+LT_EXPORT void lt_dequant4_bf16(const uint8_t *packed, const float *absmax, const float *code,
+                                int64_t blocksize, int64_t numel, uint16_t *out, int nthreads)
+{
+    lt_dequant_parallel(packed, absmax, code, blocksize, numel, out, LT_BF16, nthreads);
+}
+
+LT_EXPORT void lt_dequant4_f16(const uint8_t *packed, const float *absmax, const float *code,
+                               int64_t blocksize, int64_t numel, uint16_t *out, int nthreads)
+{
+    lt_dequant_parallel(packed, absmax, code, blocksize, numel, out, LT_F16, nthreads);
+}
+
+/*
+ * A tile of the matrix W [rows, cols] (row-major, flat index r * cols + c) to fp32:
+ *   out[r * ld_out + c] = W[row0 + r, col0 + c]   for r < n_rows, c < n_cols.
+ * Used by the tiled linear: row tiles (n_cols == cols) for y = x @ W^T, column tiles for
+ * y = x @ W. Threads split the rows.
+ */
+LT_EXPORT void lt_dequant4_tile_f32(const uint8_t *packed, const float *absmax, const float *code,
+                                    int64_t blocksize, int64_t cols,
+                                    int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
+                                    float *out, int64_t ld_out, int nthreads)
+{
+    const int nt = lt_threads_for(n_rows * n_cols, LT_MIN_ELEMS_PER_THREAD / 2,
+                                  (int64_t)nthreads < n_rows ? nthreads : (int)n_rows);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t r = 0; r < n_rows; r++) {
+        lt_dequant_range(packed, absmax, code, blocksize, (row0 + r) * cols + col0, n_cols,
+                         out + r * ld_out, LT_F32);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Quantize. */
+
+/* q = order[#{ j < 15 : !(s <= bounds[j]) }] for one scaled value. */
+static inline uint8_t lt_code_of(float s, const float *bounds, const uint8_t *order)
+{
+    int q = 0;
+    for (int j = 0; j < 15; j++) q += !(s <= bounds[j]);
+    return order[q];
+}
+
+/* max |x[i]| over n values, NaN when any is NaN (as torch.max does). */
+static float lt_absmax(const float *x, int64_t n)
+{
+    float amax = 0.0f;
+    int has_nan = 0;
+    int64_t i = 0;
+#if LT_AVX2
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+    __m256 vnan = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+        __m256 b = _mm256_and_ps(_mm256_loadu_ps(x + i + 8), abs_mask);
+        vmax0 = _mm256_max_ps(vmax0, a);
+        vmax1 = _mm256_max_ps(vmax1, b);
+        vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_max_ps(vmax0, vmax1));
+    for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+    has_nan = _mm256_movemask_ps(vnan) != 0;
+#endif
+    for (; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (a != a) has_nan = 1;
+        amax = a > amax ? a : amax;
+    }
+    return has_nan ? NAN : amax;
+}
+
+#if LT_AVX2
+/* Codes of 8 scaled values as int32 (see lt_code_of). */
+static inline __m256i lt_codes8(__m256 s, const __m256 *bounds, __m256 order_lo, __m256 order_hi)
+{
+    __m256i q = _mm256_setzero_si256();
+    for (int j = 0; j < 15; j++) /* the compare mask is -1 where s > bound (or NaN) */
+        q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(s, bounds[j], _CMP_NLE_UQ)));
+    return _mm256_castps_si256(lt_lut16_ps(q, order_lo, order_hi));
+}
+
+/* 16 codes (int32, element order) -> 8 packed bytes, element 2j in the high nibble. */
+static inline void lt_pack16(__m256i c_0_7, __m256i c_8_15, uint8_t *dst)
+{
+    __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(c_0_7, c_8_15), 0xd8); /* 16 x i16 */
+    __m128i c8 = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    /* each 16-bit lane is c_even | c_odd << 8; make it c_even << 4 | c_odd */
+    __m128i even = _mm_and_si128(_mm_slli_epi16(c8, 4), _mm_set1_epi16(0x00f0));
+    __m128i odd = _mm_srli_epi16(c8, 8);
+    __m128i bytes = _mm_packus_epi16(_mm_or_si128(even, odd), _mm_setzero_si128());
+    _mm_storel_epi64((__m128i *)dst, bytes);
+}
+#endif
+
+/*
+ * One block of n values starting at an even flat index (so it starts a byte): writes the
+ * block's absmax and its ceil(n / 2) bytes. `is_tail` selects the tail-block formulas.
+ */
+static void lt_quant_block(const float *x, int64_t n, int is_tail, const float *bounds,
+                           const uint8_t *order, uint8_t *dst, float *absmax_out)
+{
+    const float amax = lt_absmax(x, n);
+    const float clamped = amax < 1e-38f ? 1e-38f : amax; /* NaN stays NaN */
+    const float inv = 1.0f / clamped;
+    *absmax_out = is_tail ? clamped : amax;
+    int64_t i = 0;
+#if LT_AVX2
+    __m256 vb[15];
+    for (int j = 0; j < 15; j++) vb[j] = _mm256_set1_ps(bounds[j]);
+    float order_f[16];
+    for (int c = 0; c < 16; c++) order_f[c] = lt_bits_f32(order[c]); /* ints carried in floats */
+    const __m256 order_lo = _mm256_loadu_ps(order_f), order_hi = _mm256_loadu_ps(order_f + 8);
+    const __m256 vinv = _mm256_set1_ps(inv), vdiv = _mm256_set1_ps(clamped);
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        if (is_tail) {
+            a = _mm256_div_ps(a, vdiv);
+            b = _mm256_div_ps(b, vdiv);
+        } else {
+            a = _mm256_mul_ps(a, vinv);
+            b = _mm256_mul_ps(b, vinv);
+        }
+        lt_pack16(lt_codes8(a, vb, order_lo, order_hi), lt_codes8(b, vb, order_lo, order_hi), dst + i / 2);
+    }
+#endif
+    for (; i < n; i += 2) {
+        float s0 = is_tail ? x[i] / clamped : x[i] * inv;
+        float s1 = 0.0f; /* the reference pads an odd tensor with one zero */
+        if (i + 1 < n) s1 = is_tail ? x[i + 1] / clamped : x[i + 1] * inv;
+        dst[i / 2] = (uint8_t)(lt_code_of(s0, bounds, order) << 4 | lt_code_of(s1, bounds, order));
+    }
+}
+
+/*
+ * x fp32 [numel] -> packed uint8 [ceil(numel / 2)], absmax fp32 [ceil(numel / blocksize)].
+ * blocksize must be even so that every block starts a byte (threads then never share one).
+ * Returns the number of blocks holding a NaN or an Inf (their absmax is not finite); the
+ * outputs are still written, as bitsandbytes would write them.
+ */
+LT_EXPORT int64_t lt_quant4_f32(const float *x, int64_t numel, const float *bounds, const uint8_t *order,
+                             int64_t blocksize, uint8_t *packed, float *absmax, int nthreads)
+{
+    const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+    const int has_tail = numel % blocksize != 0;
+    const int nt = lt_threads_for(numel, LT_MIN_ELEMS_PER_THREAD / 4, nthreads);
+    int64_t non_finite = 0;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1) reduction(+ : non_finite)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const int64_t begin = b * blocksize;
+        const int64_t n = begin + blocksize <= numel ? blocksize : numel - begin;
+        const int is_tail = has_tail && b == n_blocks - 1;
+        lt_quant_block(x + begin, n, is_tail, bounds, order, packed + begin / 2, absmax + b);
+        non_finite += !isfinite(absmax[b]);
+    }
+    return non_finite;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* GEMV straight from the packed codes (small M, e.g. decoding one token). */
+
+/* sum_k a[k] * b[k], fp32, 4 x 8 lanes of FMA accumulators. */
+static inline float lt_dot(const float *a, const float *b, int64_t n)
+{
+    int64_t k = 0;
+    float sum = 0.0f;
+#if LT_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+    for (; k + 32 <= n; k += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), acc3);
+    }
+    for (; k + 8 <= n; k += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    sum = _mm_cvtss_f32(half);
+#endif
+    for (; k < n; k++) sum += a[k] * b[k];
+    return sum;
+}
+
+/* y[k] += alpha * w[k] for k < n. */
+static inline void lt_axpy(float *y, float alpha, const float *w, int64_t n)
+{
+    int64_t k = 0;
+#if LT_AVX2
+    const __m256 va = _mm256_set1_ps(alpha);
+    for (; k + 16 <= n; k += 16) {
+        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(va, _mm256_loadu_ps(w + k), _mm256_loadu_ps(y + k)));
+        _mm256_storeu_ps(y + k + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(y + k + 8)));
+    }
+#endif
+    for (; k < n; k++) y[k] += alpha * w[k];
+}
+
+/*
+ * y = x @ W^T:   x fp32 [M, K] (row stride ld_x), W 4-bit [N, K], y fp32 [M, N] (row stride ld_y)
+ *   y[m, n] = sum_k x[m, k] * W[n, k]
+ * Each thread takes a range of rows n of W, decodes one row at a time into an L1-resident
+ * buffer (bit-exact values) and dots it with every row of x.
+ */
+LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
+                           const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
+                           int64_t N, int64_t K, float *y, int64_t ld_y, int nthreads)
+{
+    const int nt = lt_threads_for(N * K, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *w_row = (float *)malloc((size_t)K * sizeof(float));
+        if (w_row == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (w_row == NULL) continue;
+            lt_dequant_range(packed, absmax, code, blocksize, n * K, K, w_row, LT_F32);
+            for (int64_t m = 0; m < M; m++) y[m * ld_y + n] = lt_dot(x + m * ld_x, w_row, K);
+        }
+        free(w_row);
+    }
+    return failed ? -1 : 0;
+}
+
+/*
+ * y = x @ W:   x fp32 [M, N] (row stride ld_x), W 4-bit [N, K], y fp32 [M, K] (row stride ld_y)
+ *   y[m, k] = sum_n x[m, n] * W[n, k]
+ * Each thread owns a range of columns k; it walks the rows n of W, decodes W[n, k0:k1] into
+ * a buffer and accumulates x[m, n] * W[n, k0:k1] into y[m, k0:k1].
+ */
+#define LT_GEMV_T_COLS 512
+LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
+                             const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
+                             int64_t N, int64_t K, float *y, int64_t ld_y, int nthreads)
+{
+    const int64_t n_chunks = (K + LT_GEMV_T_COLS - 1) / LT_GEMV_T_COLS;
+    int nt = lt_threads_for(N * K, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    /* at least as many column chunks as threads: shrink the chunk when K is small */
+    const int64_t chunk = n_chunks >= nt ? LT_GEMV_T_COLS : ((K + nt - 1) / nt + 15) / 16 * 16;
+    const int64_t n_work = (K + chunk - 1) / chunk;
+    int failed = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *w_seg = (float *)malloc((size_t)chunk * sizeof(float));
+        if (w_seg == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < n_work; c++) {
+            if (w_seg == NULL) continue;
+            const int64_t k0 = c * chunk;
+            const int64_t kn = k0 + chunk <= K ? chunk : K - k0;
+            for (int64_t m = 0; m < M; m++) memset(y + m * ld_y + k0, 0, (size_t)kn * sizeof(float));
+            for (int64_t n = 0; n < N; n++) {
+                lt_dequant_range(packed, absmax, code, blocksize, n * K + k0, kn, w_seg, LT_F32);
+                for (int64_t m = 0; m < M; m++) lt_axpy(y + m * ld_y + k0, x[m * ld_x + n], w_seg, kn);
+            }
+        }
+        free(w_seg);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* What this build is: 1 = AVX2 + FMA + F16C paths compiled in, 0 = scalar only. */
+LT_EXPORT int lt_isa_avx2(void) { return LT_AVX2; }
+
+/* Whether OpenMP threads are compiled in. */
+LT_EXPORT int lt_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

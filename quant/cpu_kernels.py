@@ -1,0 +1,382 @@
+"""C kernels for 4-bit NF4 / FP4 on the CPU: the ctypes loader and the Python wrappers.
+
+The kernels live in ``csrc/quant4bit.c``; the layout and the math are written at its top
+and in ``quant/state.py``. The PyTorch reference in ``quant/functional.py`` is the spec:
+
+    w[i] = code[nibble(i)] * absmax[i // blocksize]     element 2j in the HIGH nibble
+
+``available()`` compiles the C file on first use into a cache directory
+(``$LEANTUNE_CACHE`` or ``~/.cache/leantune``), keyed by a hash of the source, the flags and
+the compiler's version, and loads it with ctypes. Without a compiler, or when the build
+fails, it returns False and says so once on stderr; callers then use the reference.
+
+Environment:
+    LEANTUNE_CC        the C compiler (default ``$CC``, else ``cc``)
+    LEANTUNE_CACHE     the cache directory
+    LEANTUNE_CPU_ISA   ``auto`` (default: AVX2 + FMA + F16C when the CPU has them) or
+                       ``scalar`` (the portable loops only; the tests use it)
+
+Threads follow ``torch.get_num_threads()``. The library links libgomp, and torch's copy is
+already loaded when it is opened, so the C kernels and torch's GEMMs share one thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant4bit.c"
+
+# The tiled linear dequantizes this many weights at a time into one buffer (1 MiB of fp32):
+# small enough to stay in the L2/L3 caches between the dequantize and the GEMM reading it.
+TILE_ELEMS = 1 << 18
+# At or below this many rows of x the linear runs the C GEMV straight from the codes.
+GEMV_MAX_M = 4
+
+_F32P = ctypes.POINTER(ctypes.c_float)
+_U8P = ctypes.POINTER(ctypes.c_uint8)
+_U16P = ctypes.POINTER(ctypes.c_uint16)
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+# name -> (restype, argtypes)
+_SIGNATURES = {
+    "lt_dequant4_f32": (None, [_U8P, _F32P, _F32P, _I64, _I64, _F32P, _INT]),
+    "lt_dequant4_bf16": (None, [_U8P, _F32P, _F32P, _I64, _I64, _U16P, _INT]),
+    "lt_dequant4_f16": (None, [_U8P, _F32P, _F32P, _I64, _I64, _U16P, _INT]),
+    "lt_dequant4_tile_f32": (None, [_U8P, _F32P, _F32P, _I64, _I64, _I64, _I64, _I64, _I64, _F32P, _I64, _INT]),
+    "lt_quant4_f32": (_I64, [_F32P, _I64, _F32P, _U8P, _I64, _U8P, _F32P, _INT]),
+    "lt_gemv4_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
+    "lt_gemv4_t_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
+    "lt_isa_avx2": (_INT, []),
+    "lt_has_openmp": (_INT, []),
+}
+
+
+class _Loader:
+    """Builds and opens the library once per process; remembers why when it cannot."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tried = False
+        self.lib = None
+        self.info: dict = {}
+
+    def get(self):
+        if not self.tried:
+            with self.lock:
+                if not self.tried:
+                    try:
+                        self.lib = self._load()
+                    except _Unavailable as e:
+                        self.info["error"] = str(e)
+                        print(f"leantune: C kernels unavailable ({e}); using the PyTorch reference",
+                              file=sys.stderr)
+                    self.tried = True
+        return self.lib
+
+    def _load(self):
+        cc = os.environ.get("LEANTUNE_CC") or os.environ.get("CC") or "cc"
+        cc_path = shutil.which(cc)
+        if cc_path is None:
+            raise _Unavailable(f"no C compiler: {cc!r} not found")
+        if not SOURCE.is_file():
+            raise _Unavailable(f"source {SOURCE} missing")
+        try:
+            version = subprocess.run([cc_path, "--version"], capture_output=True, text=True,
+                                     timeout=30).stdout.splitlines()[:1]
+        except (OSError, subprocess.SubprocessError) as e:
+            raise _Unavailable(f"{cc} --version failed: {e}") from None
+        source = SOURCE.read_bytes()
+        cache = Path(os.environ.get("LEANTUNE_CACHE") or Path.home() / ".cache" / "leantune")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _Unavailable(f"cache directory {cache}: {e.strerror}") from None
+
+        errors = []
+        # With OpenMP first; a compiler without it (clang on macOS) still gets a serial build.
+        for flags in (_flags(openmp=True), _flags(openmp=False)):
+            key = hashlib.sha256(source + " ".join(flags).encode() + "".join(version).encode())
+            path = cache / f"quant4bit-{key.hexdigest()[:16]}.so"
+            if not path.is_file():
+                err = _compile(cc_path, flags, path)
+                if err:
+                    errors.append(err)
+                    continue
+            try:
+                lib = ctypes.CDLL(str(path))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+            except (OSError, AttributeError) as e:
+                errors.append(f"cannot load {path.name}: {e}")
+                continue
+            self.info = {"path": str(path), "flags": flags, "compiler": "".join(version),
+                         "isa": "avx2" if lib.lt_isa_avx2() else "scalar",
+                         "openmp": bool(lib.lt_has_openmp())}
+            return lib
+        raise _Unavailable(errors[0])
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _cpu_has(*features: str) -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return all(f in have for f in features)
+    return False
+
+
+def _flags(openmp: bool) -> list[str]:
+    flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden"]
+    isa = os.environ.get("LEANTUNE_CPU_ISA", "auto")
+    if isa == "auto" and _cpu_has("avx2", "fma", "f16c"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    if openmp:
+        flags.append("-fopenmp")
+    return flags
+
+
+def _compile(cc_path: str, flags: list[str], path: Path) -> str | None:
+    """Compile to a temporary name beside `path`, then rename; returns an error or None."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc_path, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines()
+            return f"build failed: {lines[0].strip() if lines else f'exit status {proc.returncode}'}"
+        os.replace(tmp, path)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"build failed: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_LOADER = _Loader()
+
+
+def available() -> bool:
+    """True when the C kernels are built and loaded (builds them on the first call)."""
+    return _LOADER.get() is not None
+
+
+def build_info() -> dict:
+    """Where the library is and how it was built ({"error": ...} when unavailable)."""
+    _LOADER.get()
+    return dict(_LOADER.info)
+
+
+def _lib():
+    lib = _LOADER.get()
+    if lib is None:
+        raise RuntimeError("leantune C kernels are unavailable: " + _LOADER.info.get("error", "?"))
+    return lib
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks: a ValueError naming the argument, never a crash inside C.
+
+def _check(t, name: str, dtype: torch.dtype, min_numel: int | None = None, ndim: int | None = None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_numel is not None and t.numel() < min_numel:
+        raise ValueError(f"{name} has {t.numel()} elements, needs at least {min_numel}")
+
+
+def _check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even int, got {blocksize!r}")
+    return blocksize
+
+
+def _check_codes(packed, absmax, code, blocksize: int, numel: int):
+    _check(packed, "packed", torch.uint8, min_numel=(numel + 1) // 2)
+    _check(absmax, "absmax", torch.float32, min_numel=-(-numel // blocksize))
+    _check(code, "code", torch.float32)
+    if code.numel() != 16:
+        raise ValueError(f"code must have 16 entries, got {code.numel()}")
+
+
+def _ptr(t: torch.Tensor, ptype):
+    return ctypes.cast(t.data_ptr(), ptype)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------
+# Dequantize
+
+_DEQUANT_FN = {torch.float32: ("lt_dequant4_f32", _F32P),
+               torch.bfloat16: ("lt_dequant4_bf16", _U16P),
+               torch.float16: ("lt_dequant4_f16", _U16P)}
+
+
+def dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype=torch.float32, out=None):
+    """w[i] = code[nibble(i)] * absmax[i // blocksize] for i < numel, as a 1-D `dtype` tensor.
+
+    packed: uint8 [>= ceil(numel / 2)], absmax: fp32 [>= ceil(numel / blocksize)],
+    code: fp32 [16]. dtype: fp32, bf16 or fp16 (the fp32 product rounded to nearest even,
+    as ``.to(dtype)`` does). out: an optional contiguous CPU tensor of `numel` `dtype`s.
+    Bit-exact with the reference.
+    """
+    blocksize = _check_blocksize(blocksize)
+    numel = int(numel)
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    if dtype not in _DEQUANT_FN:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    _check_codes(packed, absmax, code, blocksize, numel)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype)
+    else:
+        _check(out, "out", dtype)
+        if out.numel() != numel:
+            raise ValueError(f"out has {out.numel()} elements, expected {numel}")
+    if numel:
+        name, ptype = _DEQUANT_FN[dtype]
+        getattr(_lib(), name)(_ptr(packed, _U8P), _ptr(absmax, _F32P), _ptr(code, _F32P),
+                              blocksize, numel, _ptr(out, ptype), _threads())
+    return out.view(-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Quantize
+
+_BOUNDS_CACHE: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bounds_and_order(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted table's midpoints and the sort order, with bitsandbytes' exact expressions:
+    ``order = argsort(code)``, ``bounds = (code[order[:-1]] + code[order[1:]]) / 2``."""
+    key = code.numpy().tobytes()
+    hit = _BOUNDS_CACHE.get(key)
+    if hit is None:
+        order = torch.argsort(code)
+        bounds = ((code[order[:-1]] + code[order[1:]]) / 2).contiguous()
+        hit = (bounds, order.to(torch.uint8).contiguous())
+        _BOUNDS_CACHE[key] = hit
+    return hit
+
+
+def quantize_4bit_cpu(x, code, blocksize):
+    """x (any shape, contiguous, fp32 / bf16 / fp16) -> (packed uint8 [ceil(n/2)], absmax fp32 [n_blocks]).
+
+    Per block: absmax = max |x|; the scaled value (x * (1 / absmax) in full blocks,
+    x / max(absmax, 1e-38) in the short tail block) goes to the nearest code, ties to the
+    lower bucket, exactly as bitsandbytes' CPU path. bf16 / fp16 inputs are converted with
+    ``.float()`` first, as the reference does. A NaN or Inf in x raises ValueError (as the
+    reference does).
+    """
+    blocksize = _check_blocksize(blocksize)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be a float32, bfloat16 or float16 tensor, got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check(x, "x", x.dtype)
+    _check(code, "code", torch.float32)
+    if code.numel() != 16:
+        raise ValueError(f"code must have 16 entries, got {code.numel()}")
+    x = x.reshape(-1).float()
+    numel = x.numel()
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32)
+    if numel:
+        bounds, order = _bounds_and_order(code)
+        non_finite = _lib().lt_quant4_f32(_ptr(x, _F32P), numel, _ptr(bounds, _F32P), _ptr(order, _U8P),
+                                          blocksize, _ptr(packed, _U8P), _ptr(absmax, _F32P), _threads())
+        if non_finite:
+            raise ValueError(f"x contains non-finite values ({int(torch.isnan(x).sum())} NaN, "
+                             f"{int(torch.isinf(x).sum())} Inf); cannot quantize")
+    return packed, absmax
+
+
+# ----------------------------------------------------------------------------------------
+# Linear
+
+def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_features, transpose=False):
+    """The 4-bit linear without bias, W [out_features, in_features] stored 4-bit row-major.
+
+    transpose=False:  y = x @ W^T,  x (M, in_features)  -> (M, out_features)   (forward)
+    transpose=True:   y = x @ W,    x (M, out_features) -> (M, in_features)    (dX = dY @ W)
+
+    Small M (<= GEMV_MAX_M) runs a C GEMV straight from the codes. Larger M dequantizes W a
+    tile at a time into one reusable buffer (TILE_ELEMS weights, cache-sized) and lets
+    torch's sgemm do the FLOPs:
+        forward:   tile = W[n0:n1, :]      y[:, n0:n1] = x @ tile^T
+        transpose: tile = W[:, k0:k1]      y[:, k0:k1] = x @ tile
+    The weights are bit-exact; the sums follow the GEMM's order (fp32, ~1e-6 relative).
+    """
+    blocksize = _check_blocksize(blocksize)
+    N, K = int(out_features), int(in_features)
+    if N <= 0 or K <= 0:
+        raise ValueError(f"out_features and in_features must be positive, got {N}, {K}")
+    _check(x, "x", torch.float32, ndim=2)
+    _check_codes(packed, absmax, code, blocksize, N * K)
+    x_cols, y_cols = (N, K) if transpose else (K, N)
+    if x.shape[1] != x_cols:
+        raise ValueError(f"x must have {x_cols} columns for W [{N}, {K}] with transpose={transpose}, "
+                         f"got shape {tuple(x.shape)}")
+    M = x.shape[0]
+    y = torch.empty(M, y_cols, dtype=torch.float32)
+    if M == 0:
+        return y
+    lib = _lib()
+    nt = _threads()
+    args = (_ptr(packed, _U8P), _ptr(absmax, _F32P), _ptr(code, _F32P), blocksize)
+
+    if M <= GEMV_MAX_M:
+        gemv = lib.lt_gemv4_t_f32 if transpose else lib.lt_gemv4_f32
+        if gemv(_ptr(x, _F32P), x_cols, M, *args, N, K, _ptr(y, _F32P), y_cols, nt) != 0:
+            raise MemoryError("linear_4bit_cpu: out of memory for the GEMV row buffer")
+        return y
+
+    if not transpose:
+        rows = min(N, max(16, TILE_ELEMS // K // 16 * 16))
+        buf = torch.empty(rows * K, dtype=torch.float32)
+        for n0 in range(0, N, rows):
+            nr = min(rows, N - n0)
+            tile = buf[: nr * K].view(nr, K)
+            # tile = W[n0:n0+nr, :]
+            lib.lt_dequant4_tile_f32(*args, K, n0, nr, 0, K, _ptr(tile, _F32P), K, nt)
+            # y[:, n0:n0+nr] = x @ tile^T
+            torch.mm(x, tile.t(), out=y[:, n0:n0 + nr])
+    else:
+        cols = min(K, max(16, TILE_ELEMS // N // 16 * 16))
+        buf = torch.empty(N * cols, dtype=torch.float32)
+        for k0 in range(0, K, cols):
+            kc = min(cols, K - k0)
+            tile = buf[: N * kc].view(N, kc)
+            # tile = W[:, k0:k0+kc]
+            lib.lt_dequant4_tile_f32(*args, K, 0, N, k0, kc, _ptr(tile, _F32P), kc, nt)
+            # y[:, k0:k0+kc] = x @ tile
+            torch.mm(x, tile, out=y[:, k0:k0 + kc])
+    return y
