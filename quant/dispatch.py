@@ -1,0 +1,115 @@
+"""The one place that picks the backend of the 4-bit ops: reference, C (CPU) or Triton (CUDA).
+
+    auto (default)  CUDA tensors -> Triton, CPU tensors -> the C kernels when they build,
+                    anything else, or a backend that cannot be imported -> the reference
+    LEANTUNE_BACKEND=reference|cpu|triton   forces one (tests, benchmarks); a forced backend
+                    that is unavailable is an error, never a silent fallback
+
+The backends' modules are imported lazily, on the first call that wants them:
+``quant.triton_dequant`` / ``quant.triton_matmul`` and ``quant.cpu_kernels``. Every backend
+computes the same weights bit for bit; see ``quant.functional`` (the spec).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from peft_core.errors import UsageError
+
+from . import functional as F
+from .state import QuantState
+
+ENV = "LEANTUNE_BACKEND"
+BACKENDS = ("reference", "cpu", "triton")
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``$LEANTUNE_BACKEND``, or None for automatic choice."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise UsageError(ENV, f"unknown backend {value!r} (choose auto, {', '.join(BACKENDS)})")
+    return value
+
+
+@functools.cache
+def _triton():
+    """(triton_dequant, triton_matmul) or None when Triton or the modules cannot be imported."""
+    try:
+        from . import triton_dequant, triton_matmul
+    except ImportError:
+        return None
+    return triton_dequant, triton_matmul
+
+
+@functools.cache
+def _cpu():
+    """The ``quant.cpu_kernels`` module when its C library is built and loaded, else None."""
+    try:
+        from . import cpu_kernels
+    except ImportError:
+        return None
+    return cpu_kernels if cpu_kernels.available() else None
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """The backend that runs an op on ``t``'s device: "reference", "cpu" or "triton"."""
+    forced = forced_backend()
+    if forced == "triton" and _triton() is None:
+        raise RuntimeError(f"{ENV}=triton but quant.triton_dequant / quant.triton_matmul cannot be imported")
+    if forced == "cpu" and (_cpu() is None or t.device.type != "cpu"):
+        raise RuntimeError(f"{ENV}=cpu but the C kernels are unavailable or the tensor is on {t.device}")
+    if forced is not None:
+        return forced
+    if t.device.type == "cuda" and _triton() is not None:
+        return "triton"
+    if t.device.type == "cpu" and _cpu() is not None:
+        return "cpu"
+    return "reference"
+
+
+def _cpu_args(packed: torch.Tensor, state: QuantState):
+    F.check_state(packed, state)
+    absmax = F.decode_absmax(state).contiguous()
+    return packed.reshape(-1).contiguous(), absmax, state.code.float().contiguous()
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense ``state.shape`` tensor of ``dtype`` (default ``state.dtype``)."""
+    dtype = state.dtype if dtype is None else dtype
+    backend = backend_for(packed)
+    if backend == "triton":
+        dequant_mod, _ = _triton()
+        return dequant_mod.dequantize_4bit_triton(packed, state, dtype)
+    if backend == "cpu":
+        flat, absmax, code = _cpu_args(packed, state)
+        out = _cpu().dequantize_4bit_cpu(flat, absmax, code, state.blocksize, state.numel, dtype)
+        return out.reshape(state.shape)
+    return F.dequantize_4bit(packed, state, dtype)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transpose: bool = False) -> torch.Tensor:
+    """``x @ W^T`` ((..., in) -> (..., out)), or ``x @ W`` with ``transpose``; W [out, in] in 4 bits.
+
+    The output has x's dtype. CPU kernels take fp32 x (other dtypes are upcast, then cast back).
+    """
+    backend = backend_for(x)
+    if backend == "triton":
+        _, matmul_mod = _triton()
+        return matmul_mod.matmul_4bit_triton(x, packed, state, transpose)
+    if backend == "cpu" and len(state.shape) == 2:
+        flat, absmax, code = _cpu_args(packed, state)
+        n_out, n_in = (int(s) for s in state.shape)
+        red, cols = (n_out, n_in) if transpose else (n_in, n_out)
+        if x.shape[-1] != red:
+            raise ValueError(f"x has {x.shape[-1]} features, the {'transposed ' if transpose else ''}"
+                             f"4-bit weight [{n_out}, {n_in}] needs {red}")
+        x2 = x.reshape(-1, red).float().contiguous()  # (M, red)
+        y = _cpu().linear_4bit_cpu(x2, flat, absmax, code, state.blocksize, n_out, n_in, transpose)
+        return y.to(x.dtype).reshape(*x.shape[:-1], cols)
+    from .matmul4bit import matmul_4bit_reference
+
+    return matmul_4bit_reference(x, packed, state, transpose)
