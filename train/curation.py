@@ -1,0 +1,618 @@
+"""``leantune data check|stats|dedup|redact FILE``: data curation.
+
+    check   schema, role order, empty fields, lengths (chars; tokens with --tokenizer),
+            duplicates, a length histogram. Every problem is printed as FILE:LINE: what;
+            exit status 3 when there is any.
+    stats   counts, format, length percentiles, role counts, duplicate rate.
+    dedup   exact duplicates (after lowercasing, stripping punctuation, collapsing whitespace)
+            and near duplicates: MinHash signatures over word n-gram shingles, candidates from
+            LSH banding, kept when the estimated Jaccard similarity reaches --threshold. The
+            first occurrence is kept; OUT is written atomically; --report lists what was
+            dropped (line, the kept line it duplicates, estimated Jaccard).
+    redact  emails, phone numbers, card numbers (Luhn-valid only), IBANs (mod-97 valid only),
+            IPv4/IPv6 addresses and SSN-like ids in every string of every record, replaced by
+            [EMAIL] [PHONE] [CARD] [IBAN] [IP] [SSN]; counts per kind; OUT written atomically.
+
+``add_data_parser(subparsers)`` adds the ``data`` sub-command to the CLI; ``cmd_data(args)``
+runs it. The pieces (``check_file``, ``file_stats``, ``dedup_file``, ``redact_text``, ...)
+are plain functions usable without the CLI.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import sys
+import tempfile
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from peft_core.errors import DataError, UsageError
+
+from .data import FORMATS, IGNORE, check_record, encode_record, parse_line, read_jsonl
+
+MAX_LISTED = 20  # warnings of one kind printed before "... and N more"
+
+
+# -- shared helpers ------------------------------------------------------------------------
+def record_text(record: dict) -> str:
+    """The text of a record that duplicates are judged on (all its content, roles included)."""
+    if isinstance(record.get("messages"), list):
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in record["messages"]
+                         if isinstance(m, dict))
+    if "prompt" in record or "completion" in record:
+        return f"{record.get('prompt', '')}\n{record.get('completion', '')}"
+    if "text" in record:
+        return str(record["text"])
+    if "input_ids" in record:
+        return " ".join(map(str, record["input_ids"]))
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def record_chars(record: dict, fmt: str) -> int:
+    """Length in characters (pre-tokenized records: in tokens)."""
+    if fmt == "text":
+        return len(record["text"])
+    if fmt == "prompt_completion":
+        return len(record["prompt"]) + len(record["completion"])
+    if fmt == "messages":
+        return sum(len(m["content"]) for m in record["messages"])
+    return len(record["input_ids"])
+
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: the key of exact deduplication."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    return " ".join(text.split())
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(normalize(text).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def percentiles(values, qs=(0, 50, 90, 99, 100)) -> dict:
+    if len(values) == 0:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    out = {f"p{q}" if q not in (0, 100) else ("min" if q == 0 else "max"):
+           float(np.percentile(arr, q, method="lower")) for q in qs}
+    out["mean"] = float(arr.mean())
+    return out
+
+
+def _fmt_pct(p: dict) -> str:
+    return "  ".join(f"{k} {v:,.0f}" if k != "mean" else f"mean {v:,.1f}" for k, v in p.items())
+
+
+def histogram(values, width: int = 40) -> list[str]:
+    """A text histogram over power-of-two buckets."""
+    if not values:
+        return []
+    buckets: dict[int, int] = {}
+    for v in values:
+        b = 0 if v <= 0 else int(v).bit_length()
+        buckets[b] = buckets.get(b, 0) + 1
+    top = max(buckets.values())
+    lines = []
+    for b in range(min(buckets), max(buckets) + 1):
+        lo, hi = (0, 0) if b == 0 else (1 << (b - 1), (1 << b) - 1)
+        n = buckets.get(b, 0)
+        bar = "#" * max(1 if n else 0, round(width * n / top))
+        lines.append(f"  {lo:>8,}-{hi:<8,} {bar:<{width}} {n:,}")
+    return lines
+
+
+def atomic_write(path, chunks) -> Path:
+    """Write the byte ``chunks`` to ``path`` through a temp file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _raw_lines(path):
+    """``(line_no, raw bytes)`` of the non-blank lines."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(str(path), f"cannot read data file ({e.strerror or e})") from None
+    with f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                yield line_no, raw
+
+
+def _load_tokenizer(model_dir):
+    from peft_core.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)
+
+
+# -- check ---------------------------------------------------------------------------------
+@dataclass
+class CheckReport:
+    path: str
+    format: str = "?"
+    records: int = 0
+    problems: list = field(default_factory=list)  # "FILE:LINE: what"
+    warnings: list = field(default_factory=list)  # (kind, "FILE:LINE: what")
+    chars: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    duplicates: int = 0
+    truncated: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"checked {self.path}: {self.records:,} records ({self.format}), {len(self.problems)} problem(s)"]
+        out += self.problems
+        kinds: dict[str, list] = {}
+        for kind, text in self.warnings:
+            kinds.setdefault(kind, []).append(text)
+        for kind, texts in kinds.items():
+            out.append(f"warning: {len(texts):,} {kind}")
+            out += [f"  {t}" for t in texts[:MAX_LISTED]]
+            if len(texts) > MAX_LISTED:
+                out.append(f"  ... and {len(texts) - MAX_LISTED:,} more")
+        if self.chars:
+            out.append(f"length (chars): {_fmt_pct(percentiles(self.chars))}")
+        if self.tokens:
+            out.append(f"length (tokens): {_fmt_pct(percentiles(self.tokens))}")
+        hist = self.tokens or self.chars
+        if hist:
+            out.append(f"histogram ({'tokens' if self.tokens else 'chars'}):")
+            out += histogram(hist)
+        if self.records:
+            out.append(f"duplicates (exact, normalised): {self.duplicates:,} of {self.records:,} "
+                       f"({100.0 * self.duplicates / self.records:.1f}%)")
+        return out
+
+
+def check_file(path, tok=None, max_len: int | None = None, fmt: str = "auto",
+               mask_prompt: bool = True, mask_mode: str = "all_assistant") -> CheckReport:
+    """Every problem of a data file (not only the first): malformed lines, schema, role order,
+    empty fields, a format that changes within the file, and, with a tokenizer, records that
+    would be dropped (no supervised token within ``max_len``). Truncation and duplicates are
+    warnings."""
+    name = str(path)
+    rep = CheckReport(name)
+    file_fmt, first_line = (None if fmt == "auto" else fmt), 0
+    seen: dict[str, int] = {}
+    for line_no, raw in _raw_lines(path):
+        where = f"{name}:{line_no}"
+        try:
+            record = parse_line(raw, where)
+            rec_fmt = check_record(record, fmt, where)
+            if file_fmt is None:
+                file_fmt, first_line = rec_fmt, line_no
+            elif rec_fmt != file_fmt:
+                raise DataError(where, f"record is {rec_fmt!r} but the file's first record "
+                                       f"(line {first_line}) is {file_fmt!r}; one format per file")
+            rep.records += 1
+            rep.chars.append(record_chars(record, rec_fmt))
+            key = _digest(record_text(record))
+            if key in seen:
+                rep.duplicates += 1
+                rep.warnings.append(("exact duplicates", f"{where}: duplicate of line {seen[key]}"))
+            else:
+                seen[key] = line_no
+            if tok is not None:
+                reasons: list[str] = []
+                ex = encode_record(record, tok, rec_fmt, sys.maxsize, mask_prompt, mask_mode,
+                                   where=where, on_drop=reasons.append)
+                if ex is None:
+                    raise DataError(where, f"no supervised tokens ({reasons[0]}); it would be dropped")
+                rep.tokens.append(len(ex))
+                if max_len is not None and len(ex) > max_len:
+                    if all(v == IGNORE for v in ex.labels[:max_len]):
+                        raise DataError(where, f"{len(ex):,} tokens and no supervised token within "
+                                               f"max_len={max_len}; it would be dropped")
+                    rep.truncated += 1
+                    rep.warnings.append(("records longer than max_len (truncated)",
+                                         f"{where}: {len(ex):,} tokens > max_len={max_len}"))
+        except DataError as e:
+            rep.problems.append(str(e))
+    rep.format = file_fmt or "?"
+    if rep.records == 0 and not rep.problems:
+        rep.problems.append(f"{name}: no records (the file is empty)")
+    return rep
+
+
+# -- stats ---------------------------------------------------------------------------------
+def file_stats(path, tok=None, fmt: str = "auto") -> dict:
+    """Counts, format, length percentiles, role counts and the duplicate rate of a valid file
+    (the first malformed record raises DataError; ``data check`` lists them all)."""
+    out: dict = {"path": str(path), "records": 0, "format": None}
+    chars, tokens, turns, prompt_chars, completion_chars = [], [], [], [], []
+    roles: dict[str, int] = {}
+    seen, dups = set(), 0
+    for _, record, rec_fmt in read_jsonl(path, fmt, with_format=True):
+        out["records"] += 1
+        out["format"] = rec_fmt
+        chars.append(record_chars(record, rec_fmt))
+        if rec_fmt == "messages":
+            turns.append(len(record["messages"]))
+            for m in record["messages"]:
+                roles[m["role"]] = roles.get(m["role"], 0) + 1
+        elif rec_fmt == "prompt_completion":
+            prompt_chars.append(len(record["prompt"]))
+            completion_chars.append(len(record["completion"]))
+        if tok is not None:
+            ex = encode_record(record, tok, rec_fmt, sys.maxsize)
+            tokens.append(len(ex) if ex is not None else 0)
+        key = _digest(record_text(record))
+        dups += key in seen
+        seen.add(key)
+    out["length_chars" if out["format"] != "tokens" else "length_tokens"] = percentiles(chars)
+    if tokens:
+        out["length_tokens"] = percentiles(tokens)
+        out["total_tokens"] = int(sum(tokens))
+    if prompt_chars:
+        out["prompt_chars"] = percentiles(prompt_chars)
+        out["completion_chars"] = percentiles(completion_chars)
+    if turns:
+        out["messages_per_record"] = percentiles(turns)
+        out["roles"] = roles
+    out["duplicates"] = dups
+    out["duplicate_rate"] = dups / max(out["records"], 1)
+    return out
+
+
+def stats_lines(st: dict) -> list[str]:
+    lines = [f"{st['path']}: {st['records']:,} records, format {st['format']}"]
+    for key, label in (("length_chars", "length (chars)"), ("length_tokens", "length (tokens)"),
+                       ("prompt_chars", "prompt (chars)"), ("completion_chars", "completion (chars)"),
+                       ("messages_per_record", "messages per record")):
+        if key in st:
+            lines.append(f"{label}: {_fmt_pct(st[key])}")
+    if "total_tokens" in st:
+        lines.append(f"total tokens: {st['total_tokens']:,}")
+    if "roles" in st:
+        lines.append("roles: " + ", ".join(f"{r} {n:,}" for r, n in sorted(st["roles"].items())))
+    lines.append(f"duplicates (exact, normalised): {st['duplicates']:,} "
+                 f"({100.0 * st['duplicate_rate']:.1f}%)")
+    return lines
+
+
+# -- dedup: MinHash + LSH ------------------------------------------------------------------
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a bijective mix of uint64 values (arithmetic wraps mod 2^64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class MinHasher:
+    """MinHash over word ``ngram`` shingles of the normalised text with ``num_perm`` hash
+    functions h_i(x) = splitmix64(x XOR s_i) of the 64-bit shingle hashes x, the s_i drawn from
+    ``seed``: P[sig_i(A) == sig_i(B)] = Jaccard(A, B). (Linear hashes (a x + b) mod p of 32-bit
+    x are too close to monotone in x to act as independent permutations.)"""
+
+    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.num_perm, self.ngram = num_perm, ngram
+        self.salts = rng.integers(0, 2**64 - 1, num_perm, dtype=np.uint64, endpoint=True)
+
+    def shingles(self, text: str) -> set[str]:
+        words = normalize(text).split()
+        if len(words) <= self.ngram:
+            return {" ".join(words)}
+        return {" ".join(words[i:i + self.ngram]) for i in range(len(words) - self.ngram + 1)}
+
+    def signature(self, text: str) -> np.ndarray:
+        x = np.array([int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"),
+                                                     digest_size=8).digest(), "little")
+                      for s in self.shingles(text)], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return splitmix64(x[:, None] ^ self.salts[None, :]).min(axis=0)  # (num_perm,)
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising the equally weighted areas of
+    false positives (similarity < threshold yet a candidate) and false negatives; a pair is a
+    candidate with probability 1 - (1 - s^rows)^bands."""
+    best, best_err = (1, num_perm), float("inf")
+    lo, hi = np.linspace(0, threshold, 101), np.linspace(threshold, 1, 101)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = _trapezoid(1 - (1 - lo ** r) ** b, lo)
+            fn = _trapezoid((1 - hi ** r) ** b, hi)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+def dedup_records(texts, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, seed: int = 0):
+    """Which of ``texts`` (an iterable of (key, text)) to drop: ``(kept_keys, dropped)`` where
+    dropped lists ``{"line": key, "duplicate_of": kept key, "kind": "exact"|"near",
+    "jaccard": estimate}``. Records are judged in order against the kept ones only."""
+    hasher = MinHasher(num_perm, ngram, seed)
+    bands, rows = lsh_params(threshold, num_perm)
+    tables: list[dict] = [{} for _ in range(bands)]
+    exact: dict[str, object] = {}
+    sigs: dict[object, np.ndarray] = {}
+    kept_order: dict[object, int] = {}
+    kept, dropped = [], []
+    for key, text in texts:
+        digest = _digest(text)
+        if digest in exact:
+            dropped.append({"line": key, "duplicate_of": exact[digest], "kind": "exact", "jaccard": 1.0})
+            continue
+        sig = hasher.signature(text)
+        band_keys = [sig[i * rows:(i + 1) * rows].tobytes() for i in range(bands)]
+        candidates = {c for table, bk in zip(tables, band_keys) for c in table.get(bk, ())}
+        best, best_j = None, -1.0
+        for c in sorted(candidates, key=lambda c: kept_order[c]):
+            j = float(np.mean(sigs[c] == sig))
+            if j > best_j:
+                best, best_j = c, j
+        if best is not None and best_j >= threshold:
+            dropped.append({"line": key, "duplicate_of": best, "kind": "near", "jaccard": round(best_j, 4)})
+            continue
+        exact[digest] = key
+        sigs[key] = sig
+        kept_order[key] = len(kept)
+        kept.append(key)
+        for table, bk in zip(tables, band_keys):
+            table.setdefault(bk, []).append(key)
+    return kept, dropped
+
+
+def dedup_file(path, out, threshold: float = 0.8, report=None, num_perm: int = 128,
+               ngram: int = 5, seed: int = 0) -> dict:
+    """Drop exact and near duplicates from a JSONL file, keeping first occurrences; writes
+    ``out`` (the kept lines byte for byte) and, if asked, a JSON ``report``. Returns it."""
+    if not 0.0 < threshold <= 1.0:
+        raise UsageError("--threshold", f"must be in (0, 1], got {threshold}")
+    if num_perm < 1 or ngram < 1:
+        raise UsageError("--num-perm/--ngram", "must be at least 1")
+    records = ((line_no, record_text(rec)) for line_no, rec in read_jsonl(path))
+    kept, dropped = dedup_records(records, threshold, num_perm, ngram, seed)
+    keep = set(kept)
+    atomic_write(out, (raw if raw.endswith(b"\n") else raw + b"\n"
+                       for line_no, raw in _raw_lines(path) if line_no in keep))
+    bands, rows = lsh_params(threshold, num_perm)
+    result = {"input": str(path), "output": str(out), "records": len(kept) + len(dropped),
+              "kept": len(kept), "dropped_exact": sum(d["kind"] == "exact" for d in dropped),
+              "dropped_near": sum(d["kind"] == "near" for d in dropped), "threshold": threshold,
+              "num_perm": num_perm, "ngram": ngram, "bands": bands, "rows": rows, "seed": seed,
+              "dropped": dropped}
+    if report:
+        atomic_write(report, [(json.dumps(result, indent=2) + "\n").encode()])
+    return result
+
+
+# -- redact --------------------------------------------------------------------------------
+KINDS = ("email", "iban", "card", "ssn", "ip", "phone")  # the order they are applied in
+PLACEHOLDER = {k: f"[{k.upper()}]" for k in KINDS}
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b")
+_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")
+_SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                   r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})(?![\w:])")
+_PHONE = re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}"
+                    r"(?:[ .-]\d{2,5}){0,4}(?![\w]|[ .-]\d)")
+_PHONE_PLAIN = re.compile(r"\d{3}([-. ])\d{3}\1\d{4}|\d{3}[-.]\d{4}|\d{2,5}([ -])\d{3,4}\2\d{3,4}")
+_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(candidate: str) -> bool:
+    s = candidate.replace(" ", "")
+    if not (15 <= len(s) <= 34 and s[:2].isalpha() and s[2:4].isdigit()):
+        return False
+    digits = "".join(str(int(ch, 36)) for ch in s[4:] + s[:4])
+    return int(digits) % 97 == 1
+
+
+def _sub_iban(m):
+    text = m.group(0)
+    while len(text.replace(" ", "")) >= 15:  # the regex may swallow a following word: back off
+        if iban_ok(text):
+            return PLACEHOLDER["iban"] + m.group(0)[len(text):]
+        text = text[:-1].rstrip()
+    return m.group(0)
+
+
+def _sub_card(m):
+    digits = re.sub(r"\D", "", m.group(0))
+    return PLACEHOLDER["card"] if 13 <= len(digits) <= 19 and luhn_ok(digits) else m.group(0)
+
+
+def _sub_ipv6(m):
+    text = m.group(0)
+    if not re.search(r"[0-9A-Fa-f]", text):
+        return text
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return text
+    return PLACEHOLDER["ip"]
+
+
+def _sub_phone(m):
+    text = m.group(0)
+    digits = re.sub(r"\D", "", text)
+    if not 7 <= len(digits) <= 15 or _DATE.fullmatch(text):
+        return text
+    if text.startswith("+") or "(" in text or _PHONE_PLAIN.fullmatch(text):
+        return PLACEHOLDER["phone"]
+    return text
+
+
+_RULES = {
+    "email": [(_EMAIL, lambda m: PLACEHOLDER["email"])],
+    "iban": [(_IBAN, _sub_iban)],
+    "card": [(_CARD, _sub_card)],
+    "ssn": [(_SSN, lambda m: PLACEHOLDER["ssn"])],
+    "ip": [(_IPV4, lambda m: PLACEHOLDER["ip"]), (_IPV6, _sub_ipv6)],
+    "phone": [(_PHONE, _sub_phone)],
+}
+
+
+def parse_kinds(value: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip().lower() for k in value.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        what = f"unknown kind {unknown[0]!r}" if unknown else "no kind given"
+        raise UsageError("--kinds", f"{what}; choose from {','.join(KINDS)}")
+    return kinds
+
+
+def redact_text(text: str, kinds=KINDS) -> tuple[str, dict]:
+    """``text`` with the PII of ``kinds`` replaced by placeholders, and counts per kind."""
+    counts = {k: 0 for k in kinds}
+    for kind in KINDS:  # the fixed order, so cards are not taken for phones
+        if kind not in kinds:
+            continue
+        for pattern, sub in _RULES[kind]:
+            before = text.count(PLACEHOLDER[kind])
+            text = pattern.sub(sub, text)
+            counts[kind] += text.count(PLACEHOLDER[kind]) - before
+    return text, counts
+
+
+def redact_value(value, kinds, counts: dict):
+    """Every string inside a JSON value redacted (keys are left alone)."""
+    if isinstance(value, str):
+        new, c = redact_text(value, kinds)
+        for k, n in c.items():
+            counts[k] += n
+        return new
+    if isinstance(value, list):
+        return [redact_value(v, kinds, counts) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_value(v, kinds, counts) for k, v in value.items()}
+    return value
+
+
+def redact_file(path, out, kinds=KINDS) -> dict:
+    """Redact every string field of every record; unchanged lines are copied byte for byte.
+    Returns ``{"records", "changed", "counts": {kind: n}}``."""
+    counts = {k: 0 for k in kinds}
+    stats = {"records": 0, "changed": 0}
+    name = str(path)
+
+    def lines():
+        for line_no, raw in _raw_lines(path):
+            record = parse_line(raw, f"{name}:{line_no}")
+            stats["records"] += 1
+            before = sum(counts.values())
+            new = redact_value(record, kinds, counts)
+            if sum(counts.values()) == before:
+                yield raw if raw.endswith(b"\n") else raw + b"\n"
+            else:
+                stats["changed"] += 1
+                yield (json.dumps(new, ensure_ascii=False) + "\n").encode("utf-8")
+
+    atomic_write(out, lines())
+    return {**stats, "counts": counts}
+
+
+# -- the command line ----------------------------------------------------------------------
+def add_data_parser(subparsers):
+    """Add ``data check|stats|dedup|redact`` to an argparse sub-parser set; returns the parser."""
+    p = subparsers.add_parser("data", help="check, describe, deduplicate or redact a JSONL data file")
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    fmt_help = "record format (default: detected from the first record)"
+
+    c = sub.add_parser("check", help="list every problem of a data file (exit 3 if any)")
+    c.add_argument("file")
+    c.add_argument("--tokenizer", metavar="MODEL_DIR", help="also count tokens with this model's tokenizer")
+    c.add_argument("--max-len", type=int, help="flag records longer than this many tokens")
+    c.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help=fmt_help)
+
+    s = sub.add_parser("stats", help="counts, lengths, roles and duplicates")
+    s.add_argument("file")
+    s.add_argument("--tokenizer", metavar="MODEL_DIR")
+    s.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help=fmt_help)
+    s.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+    d = sub.add_parser("dedup", help="drop exact and near duplicates (MinHash + LSH)")
+    d.add_argument("file")
+    d.add_argument("--out", required=True)
+    d.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard to call a near duplicate")
+    d.add_argument("--report", help="write the dropped records as JSON here")
+    d.add_argument("--num-perm", type=int, default=128)
+    d.add_argument("--ngram", type=int, default=5, help="words per shingle")
+    d.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("redact", help="replace emails, phones, cards, IBANs, IPs, SSNs")
+    r.add_argument("file")
+    r.add_argument("--out", required=True)
+    r.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {','.join(KINDS)}")
+
+    p.set_defaults(func=cmd_data)
+    return p
+
+
+def cmd_data(args, out=None):
+    out = out or sys.stdout
+
+    def say(line=""):
+        print(line, file=out)
+
+    action = getattr(args, "data_command", None)
+    if action is None:
+        raise UsageError("data", "give an action: check, stats, dedup or redact")
+    if action == "check":
+        if args.max_len is not None and args.max_len < 2:
+            raise UsageError("--max-len", "must be at least 2")
+        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        rep = check_file(args.file, tok, args.max_len, args.format)
+        for line in rep.lines():
+            say(line)
+        if rep.problems:
+            raise DataError(args.file, f"{len(rep.problems)} problem(s) found (listed above)")
+    elif action == "stats":
+        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+        st = file_stats(args.file, tok, args.format)
+        if args.json:
+            say(json.dumps(st, indent=2))
+        else:
+            for line in stats_lines(st):
+                say(line)
+    elif action == "dedup":
+        res = dedup_file(args.file, args.out, args.threshold, args.report, args.num_perm,
+                         args.ngram, args.seed)
+        say(f"kept {res['kept']:,} of {res['records']:,} records; dropped {res['dropped_exact']:,} "
+            f"exact and {res['dropped_near']:,} near duplicates (threshold {res['threshold']}, "
+            f"{res['bands']} bands x {res['rows']} rows)")
+        say(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+    elif action == "redact":
+        kinds = parse_kinds(args.kinds)
+        res = redact_file(args.file, args.out, kinds)
+        say(f"redacted {res['changed']:,} of {res['records']:,} records: "
+            + ", ".join(f"{k} {n:,}" for k, n in res["counts"].items()))
+        say(f"wrote {args.out}")
+    else:
+        raise UsageError("data", f"unknown action {action!r}")
+    return 0
