@@ -132,6 +132,7 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
                     f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,6 +17,7 @@ template gets ChatML (``DEFAULT_CHAT_TEMPLATE``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from functools import cached_property
@@ -78,7 +79,12 @@ class Tokenizer:
         if not isinstance(config, dict):
             raise ModelError(str(cfg_path), "expected a JSON object")
         template = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else None
-        return cls(backend, config, template, where=str(d))
+        tok = cls(backend, config, template, where=str(d))
+        h = hashlib.sha256(tok_path.read_bytes())
+        h.update(cfg_path.read_bytes())
+        h.update((template or "").encode())
+        tok.fingerprint = h.hexdigest()  # keys the data pipeline's token cache
+        return tok
 
     # -- ids ------------------------------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:

@@ -42,3 +42,46 @@ def tiny_model(variant: str = "llama", seed: int = 0, dtype=torch.float32, **ove
             else:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
     return model.to(dtype)
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+          " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def byte_tokenizer_files(out_dir):
+    """A byte-level tokenizer (256 byte tokens + 3 specials, no merges) with a ChatML
+    template: tokenizer.json + tokenizer_config.json. Vocab size 259."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from peft_core.gguf_import import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "add_bos_token": False, "chat_template": CHATML}))
+    return out
+
+
+def tiny_model_dir(out_dir, variant: str = "llama", seed: int = 0, **over):
+    """A complete tiny model folder (config, weights, byte tokenizer) for end-to-end tests."""
+    from peft_core.checkpoint import save_model
+
+    over.setdefault("vocab_size", 259)
+    model = tiny_model(variant, seed=seed, **over)
+    model.config.eos_token_id = 258
+    model.config.pad_token_id = 256
+    save_model(model, out_dir)
+    byte_tokenizer_files(out_dir)
+    return out_dir

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peft_core.errors import LeantuneError, ModelError, UsageError
+from peft_core.errors import LeantuneError, UsageError
 
 PROG = "leantune"
 
@@ -76,7 +76,7 @@ def cmd_generate(args):
 
     def on_tokens(step):
         if stream and step[0] is not None and step[0] not in tok.eos_token_ids:
-            sys.stdout.write(decoder.put(step[0]))
+            sys.stdout.write(decoder.push(step[0]))
             sys.stdout.flush()
 
     new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
@@ -86,6 +86,61 @@ def cmd_generate(args):
         sys.stdout.write(decoder.flush() + "\n")
     else:
         print(tok.decode([t for t in new if t not in tok.eos_token_ids], skip_special_tokens=True))
+
+
+def cmd_train(args):
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(args.config, args.set or [])
+    result = train(cfg, resume=args.resume, log=_log)
+    if result.interrupted:
+        sys.exit(130)
+    _log(f"trained {result.steps} steps (final loss {result.final_loss:.4f}); "
+         f"adapter in {result.out_dir / 'adapter'}")
+
+
+def cmd_eval(args):
+    from eval.runner import run_eval
+    from train.config import load_config
+
+    cfg = load_config(args.config, args.set or [])
+    adapters = None
+    if args.adapter:
+        adapters = {}
+        for spec in args.adapter:
+            label, sep, path = spec.partition("=")
+            if not sep:
+                label, path = ("tuned" if not adapters else Path(spec).name), spec
+            adapters[label] = Path(path)
+    report = run_eval(cfg, adapters=adapters, log=_log)
+    _print_summary(report, Path(cfg.train.out))
+
+
+def _print_summary(report, out_dir):
+    primary = report["primary_metric"]
+    for label, vals in report["models"].items():
+        v = vals.get(primary)
+        loss = vals.get("eval_loss")
+        _log(f"  {label:>10}: {primary} = {'n/a' if v is None else f'{v:.3f}'}"
+             + ("" if loss is None else f", eval_loss = {loss:.3f}"))
+    _log(f"report: {out_dir / 'eval' / 'report.md'}")
+
+
+def cmd_merge(args):
+    from peft_core.adapters import cmd_merge as merge
+
+    merge(args)
+
+
+def cmd_demo(args):
+    from train.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, log=_log)
+
+
+def _log(msg):
+    print(msg, flush=True)
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -120,6 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_generate)
+
+    for name, func, text in (("train", cmd_train, "fine-tune (writes the output folder)"),
+                             ("eval", cmd_eval, "evaluate base, prompted and tuned; write the report")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("config")
+        s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config key (repeatable)")
+        if name == "train":
+            s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        else:
+            s.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
+                           help="adapter(s) to evaluate (default: OUT/adapter)")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("merge", help="fold an adapter into the base and save a plain checkpoint")
+    s.add_argument("model_dir")
+    s.add_argument("adapter_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"],
+                   help="re-quantize the merged weights and report the error")
+    s.set_defaults(func=cmd_merge)
+
+    from train.curation import add_data_parser
+
+    add_data_parser(sub)
+
+    s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,0 +1,110 @@
+"""Loading a model with 4-bit decoder linears, streaming, tensor by tensor.
+
+Two sources:
+- a bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json, as transformers
+  saves it): each linear's packed codes and quant state are read and wrapped as they are;
+- a dense checkpoint with ``quant="nf4"|"fp4"``: each decoder linear weight is read,
+  quantized and freed before the next one, so peak memory is the 4-bit model plus one
+  full-precision tensor.
+Embeddings, norms and lm_head stay dense in the compute dtype.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from peft_core.checkpoint import IGNORED_SUFFIXES, _set_tensor
+from peft_core.errors import ModelError
+from peft_core.model import LlamaForCausalLM
+from peft_core.safetensors_io import SafetensorsFile
+
+from . import functional as F
+from .modules import Linear4bit
+from .serialize import state_from_tensors
+
+QUANTIZED_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+def _check_bnb_config(qcfg: dict, where: str) -> tuple[str, int]:
+    if qcfg.get("quant_method") != "bitsandbytes" or not qcfg.get("load_in_4bit"):
+        raise ModelError(where, f"unsupported quantization_config (quant_method="
+                                f"{qcfg.get('quant_method')!r}); only bitsandbytes 4-bit is supported")
+    return qcfg.get("bnb_4bit_quant_type", "nf4"), 64
+
+
+def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, options=None) -> LlamaForCausalLM:
+    options = options or {}
+    where = str(files[0].parent / "config.json")
+    qcfg = cfg.extra.get("quantization_config")
+    prequantized = bool(qcfg)
+    if prequantized:
+        _check_bnb_config(qcfg, where)
+    elif quant not in ("nf4", "fp4"):
+        raise ModelError(where, f"unknown quantization {quant!r} (use nf4, fp4 or none)")
+    blocksize = int(options.get("blocksize", 64))
+    double_quant = bool(options.get("double_quant", True))
+    F.check_blocksize(blocksize)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    linears = {name for name, _ in model.named_modules() if QUANTIZED_LINEAR.match(name)}
+    expected = dict(model.state_dict(keep_vars=True))
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    seen = set()
+    for path in files:
+        f = SafetensorsFile(path)
+        keys = f.keys()
+        for name in keys:
+            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            module_name = name.rsplit(".weight", 1)[0] if ".weight" in name else None
+            if module_name in linears:
+                if name != f"{module_name}.weight":
+                    continue  # quant-state tensors are read together with their weight
+                bias_key = f"{module_name}.bias"
+                bias = f.read(bias_key, dtype).to(device) if bias_key in keys else None
+                if prequantized:
+                    group = {k: f.read(k) for k in keys if k.startswith(name)}
+                    packed, state = state_from_tensors(module_name, group)
+                    want = tuple(expected[name].shape)
+                    if tuple(state.shape) != want:
+                        raise ModelError(str(path), f"tensor {name!r} has shape {list(state.shape)}, "
+                                                    f"the config implies {list(want)}")
+                    layer = Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=dtype)
+                else:
+                    w = f.read(name, dtype)
+                    if tuple(w.shape) != tuple(expected[name].shape):
+                        raise ModelError(str(path), f"tensor {name!r} has shape {list(w.shape)}, the "
+                                                    f"config implies {list(expected[name].shape)}")
+                    try:
+                        packed, state = F.quantize_4bit(w.to(device), blocksize=blocksize, quant_type=quant,
+                                                        double_quant=double_quant)
+                    except ValueError as e:
+                        raise ModelError(f"{path}: {name}", str(e)) from None
+                    del w
+                    layer = Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=dtype)
+                layer.requires_grad_(False)
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer.to(device))
+                seen.add(name)
+                if bias is not None:
+                    seen.add(bias_key)
+                continue
+            if name in seen:
+                continue
+            if name not in expected:
+                raise ModelError(str(path), f"unexpected tensor {name!r} for a {cfg.model_type} model")
+            if tuple(f.shape(name)) != tuple(expected[name].shape):
+                raise ModelError(str(path), f"tensor {name!r} has shape {list(f.shape(name))}, the "
+                                            f"config implies {list(expected[name].shape)}")
+            t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
+            _set_tensor(model, name, t.to(device), requires_grad=False)
+            seen.add(name)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ModelError(str(files[0].parent), f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing)")
+    model.tie_weights()
+    model.init_non_persistent()
+    return model
