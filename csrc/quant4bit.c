@@ -43,6 +43,7 @@
  * Threads: OpenMP with an explicit thread count from the caller (torch.get_num_threads());
  * loaded into a process that already holds torch's libgomp, so both share one pool.
  */
+#define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,6 +51,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -160,8 +165,8 @@ static inline void lt_store8(void *out, int64_t t, __m256 v, int kind)
         _mm256_storeu_ps((float *)out + t, v);
     } else if (kind == LT_BF16) {
         __m256i r = lt_cvt_bf16_epi32(v);
-        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + t), packed);
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + t), h);
     } else {
         __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_storeu_si128((__m128i *)((uint16_t *)out + t), h);
@@ -238,8 +243,9 @@ static void lt_dequant_parallel(const uint8_t *packed, const float *absmax, cons
                                 int64_t blocksize, int64_t numel, void *out, int kind, int nthreads)
 {
     const int nt = lt_threads_for(numel, LT_MIN_ELEMS_PER_THREAD, nthreads);
-    const size_t elem_size = kind == LT_F32 ? 4 : 2;
-    /* Contiguous chunks, cut at multiples of 64 elements (whole cache lines of output). */
+    const int64_t elem_size = kind == LT_F32 ? 4 : 2;
+    /* Contiguous chunks, cut at multiples of 64 elements (whole cache lines of output).
+     * (Non-temporal stores were tried for outputs beyond the caches: no gain here.) */
     const int64_t chunk = ((numel + nt - 1) / nt + 63) / 64 * 64;
 #pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
     for (int tid = 0; tid < nt; tid++) {
@@ -247,12 +253,13 @@ static void lt_dequant_parallel(const uint8_t *packed, const float *absmax, cons
         int64_t end = begin + chunk < numel ? begin + chunk : numel;
         if (begin >= end) continue;
         void *chunk_out = (char *)out + begin * elem_size;
+        const int64_t n = end - begin;
         if (kind == LT_F32)
-            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_F32);
+            lt_dequant_range(packed, absmax, code, blocksize, begin, n, chunk_out, LT_F32);
         else if (kind == LT_BF16)
-            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_BF16);
+            lt_dequant_range(packed, absmax, code, blocksize, begin, n, chunk_out, LT_BF16);
         else
-            lt_dequant_range(packed, absmax, code, blocksize, begin, end - begin, chunk_out, LT_F16);
+            lt_dequant_range(packed, absmax, code, blocksize, begin, n, chunk_out, LT_F16);
     }
 }
 
@@ -427,6 +434,17 @@ LT_EXPORT int64_t lt_quant4_f32(const float *x, int64_t numel, const float *boun
 /* ------------------------------------------------------------------------------------ */
 /* GEMV straight from the packed codes (small M, e.g. decoding one token). */
 
+/* Horizontal sum of 8 lanes. */
+#if LT_AVX2
+static inline float lt_hsum(__m256 v)
+{
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_movehdup_ps(half));
+    return _mm_cvtss_f32(half);
+}
+#endif
+
 /* sum_k a[k] * b[k], fp32, 4 x 8 lanes of FMA accumulators. */
 static inline float lt_dot(const float *a, const float *b, int64_t n)
 {
@@ -443,14 +461,44 @@ static inline float lt_dot(const float *a, const float *b, int64_t n)
     }
     for (; k + 8 <= n; k += 8)
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    half = _mm_add_ss(half, _mm_movehdup_ps(half));
-    sum = _mm_cvtss_f32(half);
+    sum = lt_hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 #endif
     for (; k < n; k++) sum += a[k] * b[k];
     return sum;
+}
+
+/* out[j] = sum_k a_j[k] * w[k] for the 4 rows a_j = a + j * ld_a: each load of w feeds 4 FMAs. */
+static inline void lt_dot4(const float *a, int64_t ld_a, const float *w, int64_t n, float *out)
+{
+    const float *a0 = a, *a1 = a + ld_a, *a2 = a + 2 * ld_a, *a3 = a + 3 * ld_a;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    int64_t k = 0;
+#if LT_AVX2
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps(), d2 = _mm256_setzero_ps(), d3 = _mm256_setzero_ps();
+    for (; k + 16 <= n; k += 16) {
+        const __m256 wa = _mm256_loadu_ps(w + k), wb = _mm256_loadu_ps(w + k + 8);
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), wa, c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), wa, c1);
+        c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), wa, c2);
+        c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), wa, c3);
+        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k + 8), wb, d0);
+        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k + 8), wb, d1);
+        d2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k + 8), wb, d2);
+        d3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k + 8), wb, d3);
+    }
+    s0 = lt_hsum(_mm256_add_ps(c0, d0));
+    s1 = lt_hsum(_mm256_add_ps(c1, d1));
+    s2 = lt_hsum(_mm256_add_ps(c2, d2));
+    s3 = lt_hsum(_mm256_add_ps(c3, d3));
+#endif
+    for (; k < n; k++) {
+        s0 += a0[k] * w[k];
+        s1 += a1[k] * w[k];
+        s2 += a2[k] * w[k];
+        s3 += a3[k] * w[k];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
 }
 
 /* y[k] += alpha * w[k] for k < n. */
@@ -467,11 +515,32 @@ static inline void lt_axpy(float *y, float alpha, const float *w, int64_t n)
     for (; k < n; k++) y[k] += alpha * w[k];
 }
 
+/* y[k] += sum_j alpha[j] * w_j[k] for the 4 rows w_j = w + j * ld_w: one load and store of y
+ * per 4 FMAs. */
+static inline void lt_axpy4(float *y, const float *alpha, const float *w, int64_t ld_w, int64_t n)
+{
+    const float *w0 = w, *w1 = w + ld_w, *w2 = w + 2 * ld_w, *w3 = w + 3 * ld_w;
+    int64_t k = 0;
+#if LT_AVX2
+    const __m256 a0 = _mm256_set1_ps(alpha[0]), a1 = _mm256_set1_ps(alpha[1]);
+    const __m256 a2 = _mm256_set1_ps(alpha[2]), a3 = _mm256_set1_ps(alpha[3]);
+    for (; k + 8 <= n; k += 8) {
+        __m256 acc = _mm256_loadu_ps(y + k);
+        acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + k), acc);
+        acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w1 + k), acc);
+        acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(w2 + k), acc);
+        acc = _mm256_fmadd_ps(a3, _mm256_loadu_ps(w3 + k), acc);
+        _mm256_storeu_ps(y + k, acc);
+    }
+#endif
+    for (; k < n; k++) y[k] += alpha[0] * w0[k] + alpha[1] * w1[k] + alpha[2] * w2[k] + alpha[3] * w3[k];
+}
+
 /*
  * y = x @ W^T:   x fp32 [M, K] (row stride ld_x), W 4-bit [N, K], y fp32 [M, N] (row stride ld_y)
  *   y[m, n] = sum_k x[m, k] * W[n, k]
  * Each thread takes a range of rows n of W, decodes one row at a time into an L1-resident
- * buffer (bit-exact values) and dots it with every row of x.
+ * buffer (bit-exact values) and dots it with the rows of x, four rows of x at a time.
  */
 LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
                            const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
@@ -489,8 +558,16 @@ LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
             if (w_row == NULL) continue;
+            /* w_row = W[n, :] */
             lt_dequant_range(packed, absmax, code, blocksize, n * K, K, w_row, LT_F32);
-            for (int64_t m = 0; m < M; m++) y[m * ld_y + n] = lt_dot(x + m * ld_x, w_row, K);
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4) {
+                float dots[4];
+                /* y[m:m+4, n] = x[m:m+4, :] @ w_row */
+                lt_dot4(x + m * ld_x, ld_x, w_row, K, dots);
+                for (int j = 0; j < 4; j++) y[(m + j) * ld_y + n] = dots[j];
+            }
+            for (; m < M; m++) y[m * ld_y + n] = lt_dot(x + m * ld_x, w_row, K);
         }
         free(w_row);
     }
@@ -500,10 +577,12 @@ LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
 /*
  * y = x @ W:   x fp32 [M, N] (row stride ld_x), W 4-bit [N, K], y fp32 [M, K] (row stride ld_y)
  *   y[m, k] = sum_n x[m, n] * W[n, k]
- * Each thread owns a range of columns k; it walks the rows n of W, decodes W[n, k0:k1] into
- * a buffer and accumulates x[m, n] * W[n, k0:k1] into y[m, k0:k1].
+ * Each thread owns a range of columns k0:k1; it walks the rows n of W four at a time,
+ * decodes W[n:n+4, k0:k1] into a buffer and adds x[m, n:n+4] @ W[n:n+4, k0:k1] to
+ * y[m, k0:k1] (the y slice stays in L1).
  */
 #define LT_GEMV_T_COLS 512
+#define LT_GEMV_T_ROWS 4
 LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
                              const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
                              int64_t N, int64_t K, float *y, int64_t ld_y, int nthreads)
@@ -516,7 +595,7 @@ LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *w_seg = (float *)malloc((size_t)chunk * sizeof(float));
+        float *w_seg = (float *)malloc((size_t)(LT_GEMV_T_ROWS * chunk) * sizeof(float));
         if (w_seg == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -527,7 +606,15 @@ LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
             const int64_t k0 = c * chunk;
             const int64_t kn = k0 + chunk <= K ? chunk : K - k0;
             for (int64_t m = 0; m < M; m++) memset(y + m * ld_y + k0, 0, (size_t)kn * sizeof(float));
-            for (int64_t n = 0; n < N; n++) {
+            int64_t n = 0;
+            for (; n + LT_GEMV_T_ROWS <= N; n += LT_GEMV_T_ROWS) {
+                /* w_seg = W[n:n+4, k0:k0+kn] (row stride kn) */
+                for (int j = 0; j < LT_GEMV_T_ROWS; j++)
+                    lt_dequant_range(packed, absmax, code, blocksize, (n + j) * K + k0, kn, w_seg + j * kn, LT_F32);
+                /* y[m, k0:k0+kn] += x[m, n:n+4] @ w_seg */
+                for (int64_t m = 0; m < M; m++) lt_axpy4(y + m * ld_y + k0, x + m * ld_x + n, w_seg, kn, kn);
+            }
+            for (; n < N; n++) {
                 lt_dequant_range(packed, absmax, code, blocksize, n * K + k0, kn, w_seg, LT_F32);
                 for (int64_t m = 0; m < M; m++) lt_axpy(y + m * ld_y + k0, x[m * ld_x + n], w_seg, kn);
             }
@@ -535,6 +622,28 @@ LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
         free(w_seg);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/*
+ * Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh, untouched
+ * allocation (what torch's THP_MEM_ALLOC_ENABLE does for its own): writing a large new
+ * output then takes one page fault per 2 MiB instead of one per 4 KiB. Advisory only;
+ * returns 0 when advised, 1 when there is nothing to advise or no madvise here.
+ */
+LT_EXPORT int lt_advise_hugepages(void *ptr, int64_t nbytes)
+{
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t begin = ((uintptr_t)ptr + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)ptr + (uintptr_t)nbytes) & ~(huge - 1);
+    if (end <= begin) return 1;
+    return madvise((void *)begin, end - begin, MADV_HUGEPAGE) == 0 ? 0 : 1;
+#else
+    (void)ptr;
+    (void)nbytes;
+    return 1;
+#endif
 }
 
 /* ------------------------------------------------------------------------------------ */
