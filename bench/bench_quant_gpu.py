@@ -1,0 +1,208 @@
+"""GPU benchmark of the Triton 4-bit kernels (``quant/triton_dequant.py``, ``quant/triton_matmul.py``).
+
+Providers compared in one run, median with 20/80 quantiles (``triton.testing.do_bench``):
+
+1. dequantize (NF4, double quant, bf16 out): GB/s against the device's measured copy
+   bandwidth (``dst.copy_(src)``). Target: >= 85 %.
+2. fused dequant-matmul, M = 4096, N = K = 4096, bf16, forward and transposed: against dense
+   ``torch.matmul`` on the bf16 weight (target: within 1.15x) and, when bitsandbytes is
+   importable, its dequantize + matmul.
+3. decoding, M = 1, (N, K) = (14336, 4096) and (4096, 14336): against the dense bf16 GEMV
+   (target: >= 2.5x faster) and bitsandbytes' ``matmul_4bit`` (its GEMV path).
+
+Rows are appended to ``bench/results/<device>-<date>.json`` (a JSON list) with device, date
+and versions. Without CUDA it prints a line and exits 0.
+
+    python bench/bench_quant_gpu.py [--quick] [--out bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def _versions() -> dict:
+    import triton
+
+    out = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "cuda": torch.version.cuda}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # bitsandbytes is an optional peer: absent or broken both mean "not compared"
+        out["bitsandbytes"] = None
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        out["git_commit"] = None
+    return out
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf
+    except Exception:  # see _versions
+        return None
+
+
+def _quantize(w: torch.Tensor, blocksize: int = 64):
+    """(packed, QuantState) of ``w`` with NF4 + double quantization, via the reference."""
+    from quant import functional as F
+
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", double_quant=True)
+    return packed.to(w.device), state.to(w.device)
+
+
+def _bench(fn) -> tuple[float, float, float]:
+    import triton.testing
+
+    fn()  # autotune and compile outside the timing
+    torch.cuda.synchronize()
+    ms, lo, hi = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=QUANTILES)
+    return ms, lo, hi
+
+
+class Recorder:
+    def __init__(self, meta: dict):
+        self.meta, self.rows = meta, []
+
+    def add(self, bench: str, provider: str, shape, t: tuple, **derived) -> dict:
+        row = dict(bench=bench, provider=provider, shape=list(shape), ms=t[0], ms_p20=t[1],
+                   ms_p80=t[2], **derived, **self.meta)
+        self.rows.append(row)
+        extra = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in derived.items())
+        print(f"{bench:<12} {provider:<22} {str(tuple(shape)):<22} {t[0] * 1e3:9.1f} us "
+              f"[{t[1] * 1e3:.1f}, {t[2] * 1e3:.1f}]  {extra}", flush=True)
+        return row
+
+
+def bench_dequant(rec: Recorder, shapes, copy_gbps: float) -> None:
+    from quant.triton_dequant import dequantize_4bit_triton
+
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = _quantize(w)
+        nested_bytes = state.nested.absmax.numel() * 4 + 256 * 4 if state.nested is not None else 0
+        moved = packed.numel() + state.absmax.numel() * state.absmax.element_size() + nested_bytes \
+            + w.numel() * 2
+        t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=torch.bfloat16))
+        gbps = moved / (t[0] * 1e-3) / 1e9
+        rec.add("dequantize", "triton", (n, k), t, gbps=gbps, frac_of_copy=gbps / copy_gbps,
+                target=0.85, met=gbps / copy_gbps >= 0.85)
+        bnbf = _bnb()
+        if bnbf is not None:
+            p_bnb, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            t = _bench(lambda: bnbf.dequantize_4bit(p_bnb, qs))
+            rec.add("dequantize", "bitsandbytes", (n, k), t, gbps=moved / (t[0] * 1e-3) / 1e9)
+
+
+def measure_copy_gbps(rec: Recorder, nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = _bench(lambda: dst.copy_(src))
+    gbps = 2 * nbytes / (t[0] * 1e-3) / 1e9
+    rec.add("copy", "torch", (nbytes,), t, gbps=gbps)
+    del src, dst
+    return gbps
+
+
+def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None:
+    from quant import functional as F
+    from quant.triton_matmul import matmul_4bit_triton
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = _quantize(w)
+    x = torch.randn(m, n if transpose else k, device="cuda", dtype=torch.bfloat16)
+    flops = 2.0 * m * n * k
+    name = "matmul_bwd" if transpose else ("decode" if m == 1 else "matmul")
+    wd = w.clone()
+
+    dense = (lambda: x @ wd) if transpose else (lambda: x @ wd.T)
+    t_dense = _bench(dense)
+    rec.add(name, "torch dense bf16", (m, n, k), t_dense, tflops=flops / (t_dense[0] * 1e-3) / 1e12)
+
+    fused = lambda: matmul_4bit_triton(x, packed, state, transpose=transpose)  # noqa: E731
+    t = _bench(fused)
+    w_deq = F.dequantize_4bit(packed, state, torch.float32)
+    ref = x.float() @ (w_deq if transpose else w_deq.T)
+    rel_err = ((fused().float() - ref).abs().max() / ref.abs().max()).item()
+    derived = dict(tflops=flops / (t[0] * 1e-3) / 1e12, rel_err=rel_err)
+    if m == 1:
+        derived.update(speedup_vs_dense=t_dense[0] / t[0], target=2.5, met=t_dense[0] / t[0] >= 2.5)
+    else:
+        derived.update(slowdown_vs_dense=t[0] / t_dense[0], target=1.15, met=t[0] / t_dense[0] <= 1.15)
+    rec.add(name, "triton fused 4-bit", (m, n, k), t, **derived)
+
+    bnbf = _bnb()
+    if bnbf is not None:
+        import bitsandbytes as bnb
+
+        p_bnb, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        if transpose:
+            fn = lambda: x @ bnbf.dequantize_4bit(p_bnb, qs)  # noqa: E731
+        elif m == 1:
+            fn = lambda: bnb.matmul_4bit(x, p_bnb.t(), quant_state=qs)  # noqa: E731  (its GEMV)
+        else:
+            fn = lambda: x @ bnbf.dequantize_4bit(p_bnb, qs).T  # noqa: E731
+        t_bnb = _bench(fn)
+        rec.add(name, "bitsandbytes", (m, n, k), t_bnb,
+                tflops=flops / (t_bnb[0] * 1e-3) / 1e12, triton_speedup=t_bnb[0] / t[0])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one shape a section")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_quant_gpu: no CUDA device, skipped")
+        return 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_quant_gpu: TRITON_INTERPRET is set; unset it to benchmark")
+        return 2
+
+    device = torch.cuda.get_device_name()
+    date = dt.datetime.now(dt.timezone.utc)
+    meta = dict(device=device, date=date.isoformat(timespec="seconds"), **_versions())
+    rec = Recorder(meta)
+
+    copy_gbps = measure_copy_gbps(rec)
+    bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps)
+    bench_matmul(rec, 4096, 4096, 4096, transpose=False)
+    if not args.quick:
+        bench_matmul(rec, 4096, 4096, 4096, transpose=True)
+    bench_matmul(rec, 1, 14336, 4096, transpose=False)
+    bench_matmul(rec, 1, 4096, 14336, transpose=False)
+
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    path = out_dir / f"{slug}-{date.strftime('%Y-%m-%d')}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows.extend(rec.rows)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"bench_quant_gpu: {len(rec.rows)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Fused 4-bit dequantize + matmul in Triton: the full-precision W never goes to memory.
+
+W is the [N, K] = [out, in] weight of a linear layer, stored 4-bit (layout: ``quant/state.py``).
+Its readable PyTorch twin is ``functional.dequantize_4bit`` followed by a matmul::
+
+    y = x @ dequantize_4bit(packed, state, x.dtype).T    # transpose=False, (..., K) -> (..., N)
+    y = x @ dequantize_4bit(packed, state, x.dtype)      # transpose=True,  (..., N) -> (..., K)
+
+``transpose=False`` is a linear layer's forward; ``transpose=True`` its input gradient
+(dX = dY @ W). Inside a kernel a tile of packed bytes is loaded, split into nibbles (element
+2j is the high nibble), looked up in the 16-entry ``code`` table, scaled by the absmax of
+its block (double quantization decoded on the fly) and fed to ``tl.dot`` with an fp32
+accumulator. The absmax block of element (n, k) is ``(n * K + k) // blocksize``, so any
+blocksize and any K work; when ``K % blocksize == 0`` and a tile's columns sit inside one
+block, each tile row loads its scale once.
+
+Three launch paths, picked by shape:
+
+- M == 1, forward (token-by-token decoding): ``_gemv_4bit_kernel``, a GEMV on the CUDA
+  cores; each packed byte is read once, each program owns a few rows of W.
+- M <= 16: ``_matmul_4bit_kernel`` with one 16-row M tile (grid_m = 1, so each packed byte
+  is read once) and narrow, deep N/K tiles tuned for that case.
+- otherwise: ``_matmul_4bit_kernel`` autotuned over large tiles (fp32 x: over a few small
+  ones, its IEEE dots run on the CUDA cores).
+
+Autotuning is keyed on (next power of two of M, N, K, orientation, blocksize, nesting) and
+x's dtype, so a new prompt length does not retune. Under ``TRITON_INTERPRET=1`` it is
+bypassed with one small fixed config. Checked without a GPU: every config compiles for
+sm_80 and sm_90 (Triton 3.9, ahead of time); speed is the bench's job
+(``bench/bench_quant_gpu.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from .state import QuantState
+from .triton_dequant import _check_state, _decode_absmax, interpreting, kernel_state_args
+
+SMALL_M = 16  # M at or under this takes the small-M paths
+
+# One small config for the interpreter (autotuning there would take minutes).
+INTERPRET_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+INTERPRET_GEMV = dict(BLOCK_N=16, BLOCK_K=64)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _lookup_code(code_ptr, nib):
+    """code[nib] for a tensor of 4-bit codes: a gather from the 64-byte table (L1-resident).
+
+    Alternative kept in mind for GPU tuning: ``tl.gather`` on the table broadcast to (R, 16)
+    lowers to warp shuffles (2 to 8 a value depending on the layout, from the sm_90 PTX) and
+    needs less shared memory in the tile kernel; not measured yet.
+    """
+    return tl.load(code_ptr + nib)
+
+
+@triton.jit
+def _load_w_tile(
+    # pointers
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+    # dimensions
+    N, K,
+    # values
+    nested_offset, offs_n, k0,
+    # meta-parameters
+    BLOCK_COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_QBLOCK: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+):
+    """W[offs_n, k0 : k0 + BLOCK_COLS] dequantized, (R, BLOCK_COLS) of W_DTYPE, R = len(offs_n).
+
+    Each value is ``code * scale`` in fp32, then cast to W_DTYPE (as the reference does).
+    W is [N, K] row-major, packed 2 elements a byte; ``k0`` is a multiple of BLOCK_COLS.
+
+    - ROW_ALIGNED (K % QBLOCK == 0, so K is even): a tile row covers
+      NB = max(BLOCK_COLS // QBLOCK, 1) whole absmax blocks (or part of one); their scales are
+      decoded once, an (R, NB) tile, and broadcast over the (R, NB, QBLOCK // 2) bytes.
+    - EVEN_K otherwise: (R, BLOCK_COLS // 2) bytes, one scale decoded per byte (blocks may
+      cross rows; both nibbles of a byte share a block since QBLOCK is even).
+    - odd K: a row may start mid-byte; each element loads its byte, picks its nibble and
+      decodes its own scale.
+    Out-of-range rows and columns hold finite values; the caller zeroes the other operand there.
+    """
+    R: tl.constexpr = offs_n.shape[0]
+    offs_n = offs_n.to(tl.int64)
+    n_mask = offs_n < N
+    if EVEN_K:
+        HALF_COLS: tl.constexpr = BLOCK_COLS // 2
+        half_k = K // 2
+        offs_kb = k0 // 2 + tl.arange(0, HALF_COLS)  # byte column inside a row
+        offs_b = offs_n[:, None] * half_k + offs_kb[None, :]  # (R, HALF_COLS) byte index
+        mask = n_mask[:, None] & (offs_kb < half_k)[None, :]
+        byte = tl.load(packed_ptr + offs_b, mask=mask, other=0).to(tl.int32)
+        c_hi = _lookup_code(code_ptr, byte >> 4)  # columns 2j
+        c_lo = _lookup_code(code_ptr, byte & 0xF)  # columns 2j + 1
+        if ROW_ALIGNED:
+            blocks_per_row = K // QBLOCK
+            if BLOCK_COLS <= QBLOCK:  # the tile row sits inside one block
+                blk = offs_n * blocks_per_row + k0 // QBLOCK  # (R,)
+                scale = _decode_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                       nested_offset, blk, n_mask, NESTED, NESTED_QBLOCK)
+                w_hi = (c_hi * scale[:, None]).to(W_DTYPE)
+                w_lo = (c_lo * scale[:, None]).to(W_DTYPE)
+            else:  # NB whole blocks a tile row
+                NB: tl.constexpr = BLOCK_COLS // QBLOCK
+                SUB: tl.constexpr = HALF_COLS // NB
+                offs_blk = k0 // QBLOCK + tl.arange(0, NB)  # block column inside a row
+                blk = offs_n[:, None] * blocks_per_row + offs_blk[None, :]  # (R, NB)
+                blk_mask = n_mask[:, None] & (offs_blk < blocks_per_row)[None, :]
+                scale = _decode_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                       nested_offset, blk, blk_mask, NESTED, NESTED_QBLOCK)
+                w_hi = tl.reshape(tl.reshape(c_hi, (R, NB, SUB)) * scale[:, :, None],
+                                  (R, HALF_COLS)).to(W_DTYPE)
+                w_lo = tl.reshape(tl.reshape(c_lo, (R, NB, SUB)) * scale[:, :, None],
+                                  (R, HALF_COLS)).to(W_DTYPE)
+        else:
+            scale = _decode_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
+                                   offs_b // (QBLOCK // 2), mask, NESTED, NESTED_QBLOCK)
+            w_hi = (c_hi * scale).to(W_DTYPE)
+            w_lo = (c_lo * scale).to(W_DTYPE)
+        w = tl.interleave(w_hi, w_lo)  # (R, BLOCK_COLS)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_COLS)
+        idx = offs_n[:, None] * K + offs_k[None, :]  # (R, BLOCK_COLS) flat element index
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+        shift = ((1 - (idx & 1)) * 4).to(tl.int32)  # even element: high nibble
+        scale = _decode_absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, nested_offset,
+                               idx // QBLOCK, mask, NESTED, NESTED_QBLOCK)
+        w = (_lookup_code(code_ptr, (byte >> shift) & 0xF) * scale).to(W_DTYPE)
+    return w
+
+
+@triton.jit
+def _matmul_4bit_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, y_ptr,
+    # dimensions
+    M, N, K, M_BUCKET,
+    # strides
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    # scalars
+    nested_offset,
+    # meta-parameters
+    TRANSPOSE: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr,
+    NESTED_QBLOCK: tl.constexpr, EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y = x @ W.T (TRANSPOSE False) or y = x @ W (TRANSPOSE True), W 4-bit [N, K].
+
+    TRANSPOSE False: x (M, K), y (M, N). TRANSPOSE True: x (M, N), y (M, K).
+    In GEMM terms the output is (M, OUT) and the reduction runs over RED:
+    BLOCK_N tiles OUT, BLOCK_K tiles RED. x and y are fp32/fp16/bf16 (same dtype);
+    the accumulator is fp32. M_BUCKET is only the autotuning key (next power of two of M).
+    """
+    if TRANSPOSE:
+        OUT = K
+        RED = N
+    else:
+        OUT = N
+        RED = K
+
+    # grouped ordering: GROUP_M row-tiles share their W tiles while they sit in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(OUT, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = (first_pid_m + (pid % num_pid_in_group) % group_size_m).to(tl.int64)
+    pid_n = ((pid % num_pid_in_group) // group_size_m).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    offs_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    m_mask = offs_m < M
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, RED, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_r[None, :] * stride_xk,
+                    mask=m_mask[:, None] & (offs_r < RED)[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        if TRANSPOSE:
+            # rows of W are the reduction, columns the output: W[r0:, pid_n * BLOCK_N:]
+            w = _load_w_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                             N, K, nested_offset, offs_r, pid_n * BLOCK_N,
+                             BLOCK_N, QBLOCK, NESTED, NESTED_QBLOCK, EVEN_K, ROW_ALIGNED,
+                             x_ptr.dtype.element_ty)  # (BLOCK_K, BLOCK_N)
+        else:
+            w = _load_w_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                             N, K, nested_offset, offs_out, r0,
+                             BLOCK_K, QBLOCK, NESTED, NESTED_QBLOCK, EVEN_K, ROW_ALIGNED,
+                             x_ptr.dtype.element_ty)
+            w = tl.trans(w)  # (BLOCK_K, BLOCK_N)
+        # acc += x @ w
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_out[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_out < OUT)[None, :])
+
+
+@triton.jit
+def _gemv_4bit_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, y_ptr,
+    # dimensions
+    N, K,
+    # strides
+    stride_xk, stride_yn,
+    # scalars
+    nested_offset,
+    # meta-parameters
+    QBLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_QBLOCK: tl.constexpr,
+    EVEN_K: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y = W @ x for one token: x (K,), y (N,), W 4-bit [N, K].
+
+    Each program owns BLOCK_N rows of W and walks K once, so every packed byte is read once.
+    Products are summed in an fp32 (BLOCK_N, BLOCK_K) accumulator and reduced at the end;
+    W stays in fp32 (not rounded to x's dtype first).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _load_w_tile(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                         N, K, nested_offset, offs_n, k0,
+                         BLOCK_K, QBLOCK, NESTED, NESTED_QBLOCK, EVEN_K, ROW_ALIGNED, tl.float32)
+        # acc += W[n, k] * x[k]
+        acc += w * x[None, :]
+    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    tl.store(y_ptr + offs_n * stride_yn, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# ----------------------------------------------------------------------------------------
+# Autotuning
+# ----------------------------------------------------------------------------------------
+def _tile_configs() -> list:
+    """Large-M tiles: 128x256 / 256x128 for H100 and A100, 128x128 and below for consumer cards.
+
+    Shared-memory-hungry ones are dropped per device by ``_prune_by_smem``.
+    """
+    families = [  # (BLOCK_M, BLOCK_N, num_warps, [(BLOCK_K, num_stages), ...])
+        (128, 256, 8, [(64, 3), (32, 4)]),
+        (256, 128, 8, [(64, 3), (32, 4)]),
+        (128, 128, 8, [(64, 3), (128, 2)]),
+        (128, 128, 4, [(64, 4), (32, 4)]),
+        (128, 64, 4, [(64, 4), (32, 4)]),
+        (64, 128, 4, [(64, 4), (32, 4)]),
+        (64, 64, 4, [(64, 3), (128, 2)]),
+        (128, 32, 4, [(64, 4)]),
+        (32, 64, 4, [(64, 3)]),
+    ]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                          num_warps=warps, num_stages=stages)
+            for bm, bn, warps, ks in families for bk, stages in ks]
+
+
+def _small_m_configs() -> list:
+    """M <= 16: one 16-row tile; narrow N tiles keep enough programs busy, deep K tiles feed them."""
+    return [triton.Config(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1),
+                          num_warps=4, num_stages=stages)
+            for bn in (16, 32, 64) for bk in (128, 256) for stages in (2, 3)]
+
+
+def _fp32_configs() -> list:
+    """fp32 x: IEEE fp32 dots run on the CUDA cores, where big tiles only cost compile time."""
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8), num_warps=4, num_stages=3)
+            for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 64))]
+
+
+def _gemv_configs() -> list:
+    """M == 1: BLOCK_N rows a program, BLOCK_K-wide steps along K (8 to 32 weights a thread)."""
+    shapes = [  # (BLOCK_N, BLOCK_K, num_warps)
+        (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (8, 512, 8),
+        (16, 128, 4), (16, 256, 4), (16, 256, 8), (32, 128, 4), (32, 128, 8),
+    ]
+    return [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+            for bn, bk, warps in shapes for stages in (1, 3)]
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles cannot fit the device's shared memory.
+
+    The estimate is a lower bound (the compiler also stages the code-table gathers), so a
+    kept config may still run out; the autotuner then times it as infinitely slow.
+    """
+    try:
+        device = torch.cuda.current_device()
+        smem = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+    except Exception:  # no CUDA driver (never autotuned then): keep everything
+        return configs
+    elem = named_args["x_ptr"].element_size()
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        # stages x (x tile + packed tile) + the dequantized W tile on its way to the dot
+        need = c.num_stages * (bm * bk * elem + bn * bk // 2) + bn * bk * elem
+        if need <= smem:
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+def _bench_or_skip(kernel_call, quantiles):
+    """The autotuner's timing, with a config the compiler rejects timed as infinitely slow.
+
+    Triton's autotuner skips configs that run out of resources but lets other compiler errors
+    (``RuntimeError: PassManager::run failed``) end the whole call; one bad tile shape on one
+    GPU generation must not take the op down with it.
+    """
+    try:
+        return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+    except RuntimeError as exc:
+        if "PassManager" not in str(exc):
+            raise
+        return [float("inf")] * len(quantiles)
+
+
+_TUNE_KEY = ["M_BUCKET", "N", "K", "TRANSPOSE", "QBLOCK", "NESTED"]
+_matmul_4bit_tuned = triton.autotune(
+    configs=_tile_configs(), key=_TUNE_KEY, do_bench=_bench_or_skip,
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)(_matmul_4bit_kernel)
+_matmul_4bit_small_m_tuned = triton.autotune(
+    configs=_small_m_configs(), key=_TUNE_KEY, do_bench=_bench_or_skip,
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)(_matmul_4bit_kernel)
+_matmul_4bit_fp32_tuned = triton.autotune(
+    configs=_fp32_configs(), key=_TUNE_KEY, do_bench=_bench_or_skip,
+)(_matmul_4bit_kernel)
+_gemv_4bit_tuned = triton.autotune(
+    configs=_gemv_configs(), key=["N", "K", "QBLOCK", "NESTED"],
+    do_bench=_bench_or_skip,
+)(_gemv_4bit_kernel)
+
+
+# ----------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------
+def _split_launch_options(config: dict) -> tuple[dict, dict]:
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    opts = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+    return meta, opts
+
+
+def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                       transpose: bool = False, *, config: dict | None = None) -> torch.Tensor:
+    """x @ W.T (transpose=False) or x @ W (transpose=True) with W [N, K] held in 4 bits.
+
+    x: (..., K) -> (..., N), or with transpose (..., N) -> (..., K); fp32, fp16 or bf16, and the
+    output has x's dtype (fp32 accumulation; fp32 inputs use IEEE fp32 dots, not TF32).
+    ``config``: fixed meta-parameters (BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M, or BLOCK_N/BLOCK_K for
+    the M == 1 path, plus num_warps/num_stages) that bypass autotuning; for tests and benches.
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if len(state.shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D [out, in], got shape {tuple(state.shape)}")
+    _check_state(packed, state)
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device}, the packed weight on {packed.device}")
+    N, K = (int(s) for s in state.shape)
+    red, out_features = (N, K) if transpose else (K, N)
+    if x.shape[-1] != red:
+        raise ValueError(f"x has {x.shape[-1]} features, the {'transposed ' if transpose else ''}"
+                         f"4-bit weight [{N}, {K}] needs {red}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, red)  # (M, RED), a view when it can be
+    M = x2.shape[0]
+    y = torch.empty((M, out_features), dtype=x.dtype, device=x.device)
+    if M == 0 or out_features == 0:
+        return y.reshape(*lead, out_features)
+    if red == 0:
+        return y.zero_().reshape(*lead, out_features)
+
+    packed = packed.reshape(-1).contiguous()
+    absmax, code, nested_absmax, nested_code, offset, nested, nested_qblock = kernel_state_args(
+        state, x.device)
+    qblock = int(state.blocksize)
+    flags = dict(QBLOCK=qblock, NESTED=nested, NESTED_QBLOCK=nested_qblock,
+                 EVEN_K=K % 2 == 0, ROW_ALIGNED=K % qblock == 0)
+    interp = interpreting()
+
+    if M == 1 and not transpose:
+        if config is None and interp:
+            config = INTERPRET_GEMV
+        kernel = _gemv_4bit_kernel if config is not None else _gemv_4bit_tuned
+        meta, opts = _split_launch_options(config or {})
+
+        def grid(META):
+            return (triton.cdiv(N, META["BLOCK_N"]),)
+
+        kernel[grid](
+            x2, packed, absmax, code, nested_absmax, nested_code, y,
+            N, K,
+            x2.stride(1), y.stride(1),
+            offset,
+            **flags, **meta, **opts,
+        )
+        return y.reshape(*lead, out_features)
+
+    if config is None and interp:
+        config = INTERPRET_TILE
+    if config is not None:
+        kernel = _matmul_4bit_kernel
+    elif x.dtype == torch.float32:
+        kernel = _matmul_4bit_fp32_tuned
+    else:
+        kernel = _matmul_4bit_small_m_tuned if M <= SMALL_M else _matmul_4bit_tuned
+    meta, opts = _split_launch_options(config or {})
+
+    def grid(META):
+        return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(out_features, META["BLOCK_N"]),)
+
+    kernel[grid](
+        x2, packed, absmax, code, nested_absmax, nested_code, y,
+        M, N, K, triton.next_power_of_2(M),
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        offset,
+        TRANSPOSE=bool(transpose), **flags,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **meta, **opts,
+    )
+    return y.reshape(*lead, out_features)
