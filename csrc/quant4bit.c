@@ -39,7 +39,8 @@
  * nibble of the last byte holds the code of s = 0 (the reference pads with a zero).
  *
  * ISA: the AVX2 paths are compiled when the loader passes -mavx2 -mfma -mf16c (it does
- * so only when the CPU has them); otherwise the scalar loops below are the whole kernel.
+ * so only when the CPU has them), the AVX-512 decode loop when it also passes -mavx512f
+ * -mavx512bw; otherwise the scalar loops below are the whole kernel.
  * Threads: OpenMP with an explicit thread count from the caller (torch.get_num_threads());
  * loaded into a process that already holds torch's libgomp, so both share one pool.
  */
@@ -62,6 +63,14 @@
 #define LT_AVX2 1
 #else
 #define LT_AVX2 0
+#endif
+
+/* AVX-512 only changes the decode loop (one 16-entry permute instead of two 8-entry ones
+ * and a blend); everything else runs the AVX2 code. */
+#if LT_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
+#define LT_AVX512 1
+#else
+#define LT_AVX512 0
 #endif
 
 #define LT_EXPORT __attribute__((visibility("default")))
@@ -174,6 +183,19 @@ static inline void lt_store8(void *out, int64_t t, __m256 v, int kind)
 }
 #endif
 
+#if LT_AVX512
+/* Store 16 floats at out + t in the output type `kind`. */
+static inline void lt_store16(void *out, int64_t t, __m512 v, int kind)
+{
+    if (kind == LT_F32) {
+        _mm512_storeu_ps((float *)out + t, v);
+    } else {
+        lt_store8(out, t, _mm512_castps512_ps256(v), kind);
+        lt_store8(out, t + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), kind);
+    }
+}
+#endif
+
 static inline void lt_store1(void *out, int64_t t, float v, int kind)
 {
     if (kind == LT_F32)
@@ -188,35 +210,50 @@ static inline void lt_store1(void *out, int64_t t, float v, int kind)
 /* Dequantize. */
 
 /*
- * One block segment: elements [i0, i0 + n) of the flat tensor, all in one block, whose
- * scaled table is lut[c] = code[c] * absmax[block]. Writes out[t] = lut[nibble(i0 + t)].
+ * One block segment: elements [i0, i0 + n) of the flat tensor, all in one block with scale
+ * `scale`. Writes out[t] = code[nibble(i0 + t)] * scale. The vector loops decode through
+ * the scaled table code[c] * scale (the same fp32 products, so the same bits).
  */
 static inline __attribute__((always_inline)) void
-lt_dequant_segment(const uint8_t *packed, int64_t i0, int64_t n, const float *lut, void *out, int kind)
+lt_dequant_segment(const uint8_t *packed, int64_t i0, int64_t n, const float *code, float scale,
+                   void *out, int kind)
 {
     int64_t t = 0;
     if ((i0 & 1) && n > 0) { /* odd start: the low nibble of its byte */
-        lt_store1(out, 0, lut[packed[i0 >> 1] & 15], kind);
+        lt_store1(out, 0, code[packed[i0 >> 1] & 15] * scale, kind);
         t = 1;
     }
     const uint8_t *p = packed + ((i0 + t) >> 1); /* element i0 + t is the high nibble of *p */
-#if LT_AVX2
-    __m256 table_lo = _mm256_loadu_ps(lut);
-    __m256 table_hi = _mm256_loadu_ps(lut + 8);
-    for (; t + 32 <= n; t += 32, p += 16) {
-        __m128i nib_a, nib_b;
-        lt_unpack32(p, &nib_a, &nib_b);
-        lt_store8(out, t + 0, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi), kind);
-        lt_store8(out, t + 8, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi), kind);
-        lt_store8(out, t + 16, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi), kind);
-        lt_store8(out, t + 24, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi), kind);
+#if LT_AVX512
+    if (t + 32 <= n) {
+        const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+        for (; t + 32 <= n; t += 32, p += 16) {
+            __m128i nib_a, nib_b;
+            lt_unpack32(p, &nib_a, &nib_b);
+            lt_store16(out, t, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table), kind);
+            lt_store16(out, t + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table), kind);
+        }
+    }
+#elif LT_AVX2
+    if (t + 32 <= n) {
+        const __m256 vscale = _mm256_set1_ps(scale);
+        const __m256 table_lo = _mm256_mul_ps(_mm256_loadu_ps(code), vscale);
+        const __m256 table_hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), vscale);
+        for (; t + 32 <= n; t += 32, p += 16) {
+            __m128i nib_a, nib_b;
+            lt_unpack32(p, &nib_a, &nib_b);
+            lt_store8(out, t + 0, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi), kind);
+            lt_store8(out, t + 8, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi), kind);
+            lt_store8(out, t + 16, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi), kind);
+            lt_store8(out, t + 24, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi), kind);
+        }
     }
 #endif
     for (; t + 2 <= n; t += 2, p++) {
-        lt_store1(out, t, lut[*p >> 4], kind);
-        lt_store1(out, t + 1, lut[*p & 15], kind);
+        lt_store1(out, t, code[*p >> 4] * scale, kind);
+        lt_store1(out, t + 1, code[*p & 15] * scale, kind);
     }
-    if (t < n) lt_store1(out, t, lut[*p >> 4], kind);
+    if (t < n) lt_store1(out, t, code[*p >> 4] * scale, kind);
 }
 
 /* Serial: elements [i0, i0 + n) of the flat tensor into out[0 .. n), block by block. */
@@ -224,17 +261,12 @@ static inline __attribute__((always_inline)) void
 lt_dequant_range(const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
                  int64_t i0, int64_t n, void *out, int kind)
 {
-    float lut[16];
-    int64_t t = 0;
-    while (t < n) {
-        int64_t i = i0 + t;
-        int64_t block = i / blocksize;
-        int64_t seg = (block + 1) * blocksize - i; /* to the end of this block */
-        if (seg > n - t) seg = n - t;
-        const float scale = absmax[block];
-        for (int c = 0; c < 16; c++) lut[c] = code[c] * scale;
-        void *seg_out = kind == LT_F32 ? (void *)((float *)out + t) : (void *)((uint16_t *)out + t);
-        lt_dequant_segment(packed, i, seg, lut, seg_out, kind);
+    const int64_t elem_size = kind == LT_F32 ? 4 : 2;
+    int64_t block = i0 / blocksize;
+    int64_t block_end = (block + 1) * blocksize - i0; /* where this block ends, relative to i0 */
+    for (int64_t t = 0; t < n; block++, block_end += blocksize) {
+        const int64_t seg = (block_end < n ? block_end : n) - t;
+        lt_dequant_segment(packed, i0 + t, seg, code, absmax[block], (char *)out + t * elem_size, kind);
         t += seg;
     }
 }
@@ -243,6 +275,7 @@ static void lt_dequant_parallel(const uint8_t *packed, const float *absmax, cons
                                 int64_t blocksize, int64_t numel, void *out, int kind, int nthreads)
 {
     const int nt = lt_threads_for(numel, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    (void)nt; /* unused without OpenMP */
     const int64_t elem_size = kind == LT_F32 ? 4 : 2;
     /* Contiguous chunks, cut at multiples of 64 elements (whole cache lines of output).
      * (Non-temporal stores were tried for outputs beyond the caches: no gain here.) */
@@ -297,6 +330,7 @@ LT_EXPORT void lt_dequant4_tile_f32(const uint8_t *packed, const float *absmax, 
 {
     const int nt = lt_threads_for(n_rows * n_cols, LT_MIN_ELEMS_PER_THREAD / 2,
                                   (int64_t)nthreads < n_rows ? nthreads : (int)n_rows);
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t r = 0; r < n_rows; r++) {
         lt_dequant_range(packed, absmax, code, blocksize, (row0 + r) * cols + col0, n_cols,
@@ -419,6 +453,7 @@ LT_EXPORT int64_t lt_quant4_f32(const float *x, int64_t numel, const float *boun
     const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
     const int has_tail = numel % blocksize != 0;
     const int nt = lt_threads_for(numel, LT_MIN_ELEMS_PER_THREAD / 4, nthreads);
+    (void)nt; /* unused without OpenMP */
     int64_t non_finite = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1) reduction(+ : non_finite)
     for (int64_t b = 0; b < n_blocks; b++) {
@@ -547,6 +582,7 @@ LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
                            int64_t N, int64_t K, float *y, int64_t ld_y, int nthreads)
 {
     const int nt = lt_threads_for(N * K, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    (void)nt; /* unused without OpenMP */
     int failed = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -589,6 +625,7 @@ LT_EXPORT int lt_gemv4_t_f32(const float *x, int64_t ld_x, int64_t M,
 {
     const int64_t n_chunks = (K + LT_GEMV_T_COLS - 1) / LT_GEMV_T_COLS;
     int nt = lt_threads_for(N * K, LT_MIN_ELEMS_PER_THREAD, nthreads);
+    (void)nt; /* unused without OpenMP */
     /* at least as many column chunks as threads: shrink the chunk when K is small */
     const int64_t chunk = n_chunks >= nt ? LT_GEMV_T_COLS : ((K + nt - 1) / nt + 15) / 16 * 16;
     const int64_t n_work = (K + chunk - 1) / chunk;
@@ -647,8 +684,8 @@ LT_EXPORT int lt_advise_hugepages(void *ptr, int64_t nbytes)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* What this build is: 1 = AVX2 + FMA + F16C paths compiled in, 0 = scalar only. */
-LT_EXPORT int lt_isa_avx2(void) { return LT_AVX2; }
+/* What this build is: 2 = AVX-512 decode + AVX2, 1 = AVX2 + FMA + F16C, 0 = scalar only. */
+LT_EXPORT int lt_isa_level(void) { return LT_AVX512 ? 2 : LT_AVX2; }
 
 /* Whether OpenMP threads are compiled in. */
 LT_EXPORT int lt_has_openmp(void)

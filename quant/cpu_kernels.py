@@ -13,8 +13,10 @@ fails, it returns False and says so once on stderr; callers then use the referen
 Environment:
     LEANTUNE_CC        the C compiler (default ``$CC``, else ``cc``)
     LEANTUNE_CACHE     the cache directory
-    LEANTUNE_CPU_ISA   ``auto`` (default: AVX2 + FMA + F16C when the CPU has them) or
-                       ``scalar`` (the portable loops only; the tests use it)
+    LEANTUNE_CPU_ISA   ``auto`` (default: AVX2 + FMA + F16C when the CPU has them, plus
+                       the AVX-512 decode loop when it has AVX-512 F + BW), ``avx2``
+                       (never AVX-512), ``avx512`` (same as auto), or ``scalar`` (the
+                       portable loops only; the tests check each build)
 
 Threads follow ``torch.get_num_threads()``. The library links libgomp, and torch's copy is
 already loaded when it is opened, so the C kernels and torch's GEMMs share one thread pool.
@@ -60,7 +62,7 @@ _SIGNATURES = {
     "lt_gemv4_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
     "lt_gemv4_t_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
     "lt_advise_hugepages": (_INT, [ctypes.c_void_p, _I64]),
-    "lt_isa_avx2": (_INT, []),
+    "lt_isa_level": (_INT, []),
     "lt_has_openmp": (_INT, []),
 }
 
@@ -125,7 +127,7 @@ class _Loader:
                 errors.append(f"cannot load {path.name}: {e}")
                 continue
             self.info = {"path": str(path), "flags": flags, "compiler": "".join(version),
-                         "isa": "avx2" if lib.lt_isa_avx2() else "scalar",
+                         "isa": ("scalar", "avx2", "avx512")[lib.lt_isa_level()],
                          "openmp": bool(lib.lt_has_openmp())}
             return lib
         raise _Unavailable(errors[0])
@@ -150,8 +152,12 @@ def _cpu_has(*features: str) -> bool:
 def _flags(openmp: bool) -> list[str]:
     flags = ["-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden"]
     isa = os.environ.get("LEANTUNE_CPU_ISA", "auto")
-    if isa == "auto" and _cpu_has("avx2", "fma", "f16c"):
+    if isa not in ("auto", "avx512", "avx2", "scalar"):
+        raise _Unavailable(f"LEANTUNE_CPU_ISA={isa!r}: expected auto, avx512, avx2 or scalar")
+    if isa in ("auto", "avx512", "avx2") and _cpu_has("avx2", "fma", "f16c"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+        if isa in ("auto", "avx512") and _cpu_has("avx512f", "avx512bw"):
+            flags += ["-mavx512f", "-mavx512bw"]
     if openmp:
         flags.append("-fopenmp")
     return flags
