@@ -480,62 +480,6 @@ static inline float lt_hsum(__m256 v)
 }
 #endif
 
-/* sum_k a[k] * b[k], fp32, 4 x 8 lanes of FMA accumulators. */
-static inline float lt_dot(const float *a, const float *b, int64_t n)
-{
-    int64_t k = 0;
-    float sum = 0.0f;
-#if LT_AVX2
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-    for (; k + 32 <= n; k += 32) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
-        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), acc2);
-        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), acc3);
-    }
-    for (; k + 8 <= n; k += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    sum = lt_hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-#endif
-    for (; k < n; k++) sum += a[k] * b[k];
-    return sum;
-}
-
-/* out[j] = sum_k a_j[k] * w[k] for the 4 rows a_j = a + j * ld_a: each load of w feeds 4 FMAs. */
-static inline void lt_dot4(const float *a, int64_t ld_a, const float *w, int64_t n, float *out)
-{
-    const float *a0 = a, *a1 = a + ld_a, *a2 = a + 2 * ld_a, *a3 = a + 3 * ld_a;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    int64_t k = 0;
-#if LT_AVX2
-    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps(), d2 = _mm256_setzero_ps(), d3 = _mm256_setzero_ps();
-    for (; k + 16 <= n; k += 16) {
-        const __m256 wa = _mm256_loadu_ps(w + k), wb = _mm256_loadu_ps(w + k + 8);
-        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), wa, c0);
-        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), wa, c1);
-        c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), wa, c2);
-        c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), wa, c3);
-        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k + 8), wb, d0);
-        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k + 8), wb, d1);
-        d2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k + 8), wb, d2);
-        d3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k + 8), wb, d3);
-    }
-    s0 = lt_hsum(_mm256_add_ps(c0, d0));
-    s1 = lt_hsum(_mm256_add_ps(c1, d1));
-    s2 = lt_hsum(_mm256_add_ps(c2, d2));
-    s3 = lt_hsum(_mm256_add_ps(c3, d3));
-#endif
-    for (; k < n; k++) {
-        s0 += a0[k] * w[k];
-        s1 += a1[k] * w[k];
-        s2 += a2[k] * w[k];
-        s3 += a3[k] * w[k];
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-}
-
 /* y[k] += alpha * w[k] for k < n. */
 static inline void lt_axpy(float *y, float alpha, const float *w, int64_t n)
 {
@@ -572,10 +516,96 @@ static inline void lt_axpy4(float *y, const float *alpha, const float *w, int64_
 }
 
 /*
+ * Fused decode + dot of MR (1..4) rows of x with one row segment of W:
+ *   dots[j] = sum_{t < n} x[j * ld_x + t] * w[i0 + t],   w[i] = code[nibble(i)] * absmax[i / bs]
+ * The weights are decoded into registers (the same fp32 values dequantize writes) and
+ * never stored; each decoded vector feeds MR FMAs.
+ */
+static inline __attribute__((always_inline)) void
+lt_dot_codes(const float *x, int64_t ld_x, const uint8_t *packed, const float *absmax, const float *code,
+             int64_t blocksize, int64_t i0, int64_t n, float *dots, const int MR)
+{
+    float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* the scalar edges of each segment */
+#if LT_AVX512
+    __m512 acc[4][2];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+#elif LT_AVX2
+    __m256 acc[4][2];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+#endif
+    int64_t block = i0 / blocksize;
+    int64_t block_end = (block + 1) * blocksize - i0; /* relative to i0 */
+    for (int64_t t = 0; t < n; block++, block_end += blocksize) {
+        const int64_t end = block_end < n ? block_end : n;
+        const float scale = absmax[block];
+        if (((i0 + t) & 1) && t < end) { /* odd start: the low nibble of its byte */
+            const float w = code[packed[(i0 + t) >> 1] & 15] * scale;
+            for (int j = 0; j < MR; j++) tail[j] += x[j * ld_x + t] * w;
+            t++;
+        }
+        const uint8_t *p = packed + ((i0 + t) >> 1);
+#if LT_AVX512
+        if (t + 32 <= end) {
+            const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+            for (; t + 32 <= end; t += 32, p += 16) {
+                __m128i nib_a, nib_b;
+                lt_unpack32(p, &nib_a, &nib_b);
+                const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table);
+                const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table);
+                for (int j = 0; j < MR; j++) {
+                    acc[j][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * ld_x + t), w0, acc[j][0]);
+                    acc[j][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * ld_x + t + 16), w1, acc[j][1]);
+                }
+            }
+        }
+#elif LT_AVX2
+        if (t + 32 <= end) {
+            const __m256 vscale = _mm256_set1_ps(scale);
+            const __m256 table_lo = _mm256_mul_ps(_mm256_loadu_ps(code), vscale);
+            const __m256 table_hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), vscale);
+            for (; t + 32 <= end; t += 32, p += 16) {
+                __m128i nib_a, nib_b;
+                lt_unpack32(p, &nib_a, &nib_b);
+                const __m256 w0 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi);
+                const __m256 w1 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi);
+                const __m256 w2 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi);
+                const __m256 w3 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi);
+                for (int j = 0; j < MR; j++) {
+                    const float *xj = x + j * ld_x + t;
+                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xj), w0, acc[j][0]);
+                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 8), w1, acc[j][1]);
+                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 16), w2, acc[j][0]);
+                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 24), w3, acc[j][1]);
+                }
+            }
+        }
+#endif
+        for (; t + 2 <= end; t += 2, p++) {
+            const float w_even = code[*p >> 4] * scale, w_odd = code[*p & 15] * scale;
+            for (int j = 0; j < MR; j++) tail[j] += x[j * ld_x + t] * w_even + x[j * ld_x + t + 1] * w_odd;
+        }
+        if (t < end) {
+            const float w = code[*p >> 4] * scale;
+            for (int j = 0; j < MR; j++) tail[j] += x[j * ld_x + t] * w;
+            t++;
+        }
+    }
+    for (int j = 0; j < MR; j++) {
+#if LT_AVX512
+        dots[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1])) + tail[j];
+#elif LT_AVX2
+        dots[j] = lt_hsum(_mm256_add_ps(acc[j][0], acc[j][1])) + tail[j];
+#else
+        dots[j] = tail[j];
+#endif
+    }
+}
+
+/*
  * y = x @ W^T:   x fp32 [M, K] (row stride ld_x), W 4-bit [N, K], y fp32 [M, N] (row stride ld_y)
  *   y[m, n] = sum_k x[m, k] * W[n, k]
- * Each thread takes a range of rows n of W, decodes one row at a time into an L1-resident
- * buffer (bit-exact values) and dots it with the rows of x, four rows of x at a time.
+ * Threads split the rows n of W; each row is decoded in registers (lt_dot_codes) once per
+ * group of 4 rows of x. Returns 0.
  */
 LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
                            const uint8_t *packed, const float *absmax, const float *code, int64_t blocksize,
@@ -583,31 +613,22 @@ LT_EXPORT int lt_gemv4_f32(const float *x, int64_t ld_x, int64_t M,
 {
     const int nt = lt_threads_for(N * K, LT_MIN_ELEMS_PER_THREAD, nthreads);
     (void)nt; /* unused without OpenMP */
-    int failed = 0;
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float *w_row = (float *)malloc((size_t)K * sizeof(float));
-        if (w_row == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            if (w_row == NULL) continue;
-            /* w_row = W[n, :] */
-            lt_dequant_range(packed, absmax, code, blocksize, n * K, K, w_row, LT_F32);
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4) {
-                float dots[4];
-                /* y[m:m+4, n] = x[m:m+4, :] @ w_row */
-                lt_dot4(x + m * ld_x, ld_x, w_row, K, dots);
-                for (int j = 0; j < 4; j++) y[(m + j) * ld_y + n] = dots[j];
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += 4) {
+            float dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float *x_m = x + m * ld_x;
+            /* dots = x[m:m+4, :] @ W[n, :] */
+            switch (M - m >= 4 ? 4 : (int)(M - m)) {
+            case 4: lt_dot_codes(x_m, ld_x, packed, absmax, code, blocksize, n * K, K, dots, 4); break;
+            case 3: lt_dot_codes(x_m, ld_x, packed, absmax, code, blocksize, n * K, K, dots, 3); break;
+            case 2: lt_dot_codes(x_m, ld_x, packed, absmax, code, blocksize, n * K, K, dots, 2); break;
+            default: lt_dot_codes(x_m, ld_x, packed, absmax, code, blocksize, n * K, K, dots, 1); break;
             }
-            for (; m < M; m++) y[m * ld_y + n] = lt_dot(x + m * ld_x, w_row, K);
+            for (int64_t j = 0; j < 4 && m + j < M; j++) y[(m + j) * ld_y + n] = dots[j];
         }
-        free(w_row);
     }
-    return failed ? -1 : 0;
+    return 0;
 }
 
 /*

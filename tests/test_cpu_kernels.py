@@ -186,7 +186,8 @@ def test_quantize_rejects_non_finite():
 
 LINEAR_SHAPES = [  # (M, K, N): GEMV sizes, odd sizes, tails of tiles, several tiles
     (1, 64, 64), (1, 33, 17), (2, 341, 7), (4, 100, 300), (1, 4231, 5),
-    (5, 33, 17), (7, 341, 64), (17, 100, 300), (64, 576, 1536), (33, 1000, 129), (300, 7, 9),
+    (5, 33, 17), (7, 341, 64), (17, 100, 300), (31, 96, 130), (64, 576, 1536), (33, 1000, 129),
+    (300, 7, 9),
 ]
 
 
@@ -224,18 +225,23 @@ def test_linear_forward_and_transpose(M, K, N, tile_elems, monkeypatch):
 
 
 @needs_c
-def test_linear_gemv_and_tiled_paths_agree(monkeypatch):
-    """The same rows through the GEMV (small M) and the tiled GEMM path."""
-    g = torch.Generator().manual_seed(1)
+@pytest.mark.parametrize("M", [3, 9])
+def test_linear_gemv_and_tiled_paths_agree(M, monkeypatch):
+    """The same rows through the GEMVs (small M) and through the tiled GEMM path."""
+    g = torch.Generator().manual_seed(M)
     N, K = 300, 257
     w = torch.randn(N, K, generator=g)
     code = ref.get_code("nf4")
     packed, absmax = cpu_kernels.quantize_4bit_cpu(w, code, 64)
-    x = torch.randn(3, K, generator=g)
+    x, dy = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    monkeypatch.setattr(cpu_kernels, "GEMV_MAX_M", 64)
+    monkeypatch.setattr(cpu_kernels, "GEMV_T_MAX_M", 64)
     gemv = cpu_kernels.linear_4bit_cpu(x, packed, absmax, code, 64, N, K)
+    gemv_t = cpu_kernels.linear_4bit_cpu(dy, packed, absmax, code, 64, N, K, transpose=True)
     monkeypatch.setattr(cpu_kernels, "GEMV_MAX_M", 0)
-    tiled = cpu_kernels.linear_4bit_cpu(x, packed, absmax, code, 64, N, K)
-    _close(gemv, tiled)
+    monkeypatch.setattr(cpu_kernels, "GEMV_T_MAX_M", 0)
+    _close(gemv, cpu_kernels.linear_4bit_cpu(x, packed, absmax, code, 64, N, K))
+    _close(gemv_t, cpu_kernels.linear_4bit_cpu(dy, packed, absmax, code, 64, N, K, transpose=True))
 
 
 # ---------------------------------------------------------------------------------------
