@@ -1,0 +1,660 @@
+"""The LoRA layer, the registry of LoRA variants, and the built-in variants "lora" and "dora".
+
+    y = W0 x + b + (alpha / r) B A dropout(x)       (rsLoRA: alpha / sqrt(r))
+
+W0 [out, in] is the frozen base (``nn.Linear`` or a 4-bit ``quant.modules.Linear4bit``),
+A = ``lora_A[name].weight`` [r, in], B = ``lora_B[name].weight`` [out, r] (Hu et al. 2021,
+https://arxiv.org/abs/2106.09685). Default init as Microsoft's loralib and PEFT: A
+Kaiming-uniform with a = sqrt(5) (what ``nn.Linear`` does, so A x starts at the scale of a
+fresh linear), B = 0 (the adapter starts as the identity edit, training starts from the base)
+-- https://github.com/microsoft/LoRA/blob/a0a92e0/loralib/layers.py#L124.
+rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by alpha / sqrt(r) so
+that higher ranks keep learning.
+
+Other inits (PEFT's names and math):
+- ``gaussian``: A ~ N(0, 1/r), B = 0.
+- ``pissa`` (https://arxiv.org/abs/2404.02948): W = U S V^T, A = sqrt(S_r / s) V_r^T,
+  B = U_r sqrt(S_r / s); the base becomes the residual W - s B A (on a 4-bit base that
+  residual is what gets quantized).
+- ``olora`` (https://arxiv.org/abs/2406.01775): W = Q R, A = R[:r], B = Q[:, :r]; residual base.
+- ``loftq`` (https://arxiv.org/abs/2310.08659): for a base that is to be 4-bit: alternate
+  Q = quant(W - s B A) and (A, B) = the rank-r SVD of (W - dequant(Q)) / s; the base becomes
+  Q. Needs the full-precision weight (a dense base, quantized here).
+- ``none``: A = B = 0, for a layer whose weights are about to be loaded.
+An init that rewrites the base keeps the initial (A0, B0) as buffers: when that adapter is
+not applied (disabled, another adapter active, a "__base__" row) the layer adds s B0 A0 x
+back, so "the base" is always the original W; and a saved adapter is converted to a plain
+LoRA on the original W (rank 2r, see ``peft_core.adapters.save_adapter``).
+
+Several named adapters live side by side (``lora_A[name]`` ModuleDicts, as PEFT). ``active``
+lists the adapters applied (their outputs add up); ``disabled`` switches all of them off;
+``forward(x, adapter_names=[...])`` (or ``row_adapters``) picks one adapter per batch row,
+"__base__" for none.
+
+Variants: a variant is one small class registered with ``@register_variant(name)``; its
+hooks (``init``, ``delta``, ``merge``/``unmerge``, ``shapes``/``tensors``, ``set_trainable``)
+are called with the layer and the adapter name. "lora" is :class:`LoraVariant`; "dora" is
+:class:`DoraVariant`; others live in ``peft_core/variants/<name>.py`` and are imported on
+first use. Standard LoRA on a 4-bit base runs as one fused autograd Function
+(``quant.fused_lora``); variants that set ``fused_4bit = False`` take the reference path.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant import dispatch
+from quant import functional as QF
+from quant.fused_lora import lora_4bit
+from quant.matmul4bit import MatMul4bit
+from quant.modules import Linear4bit
+
+BASE = "__base__"  # per-row selection: this row gets no adapter
+INITS = ("default", "gaussian", "pissa", "olora", "loftq", "none")
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq")
+
+_VARIANTS: dict[str, "LoraVariant"] = {}
+
+
+def register_variant(name: str):
+    """Class decorator: ``@register_variant("dora")`` makes ``kind = "dora"`` available."""
+
+    def deco(cls):
+        if name in _VARIANTS:
+            raise ValueError(f"LoRA variant {name!r} is already registered")
+        cls.name = name
+        _VARIANTS[name] = cls()
+        return cls
+
+    return deco
+
+
+def variant_names() -> list[str]:
+    """Registered variants plus the modules of ``peft_core/variants`` (not yet imported)."""
+    from . import variants
+
+    found = {m.name for m in pkgutil.iter_modules(variants.__path__) if not m.name.startswith("_")}
+    return sorted(set(_VARIANTS) | found)
+
+
+def get_variant(name: str) -> "LoraVariant":
+    """The variant registered as ``name``, importing ``peft_core.variants.<name>`` on first use."""
+    if name not in _VARIANTS and isinstance(name, str) and name.isidentifier():
+        try:
+            importlib.import_module(f"peft_core.variants.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"peft_core.variants.{name}":
+                raise
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown adapter kind {name!r} (choose {', '.join(variant_names())})")
+    return _VARIANTS[name]
+
+
+@dataclass
+class AdapterSpec:
+    """One adapter's settings in one layer."""
+
+    kind: str
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+# ------------------------------------------------------------------------------------------
+# variants
+# ------------------------------------------------------------------------------------------
+class LoraVariant:
+    """Standard LoRA; the base class of every variant (override only what differs).
+
+    ``fused_4bit``: may run as ``quant.fused_lora.LoRA4bitFunction`` on a 4-bit base (only
+    used while ``forward`` and ``delta`` are LoRA's own).
+    ``linear``: the merged weight is W + s B A (a base-rewriting init can be exported as a
+    plain LoRA). ``peft_flags``: the adapter_config.json keys that tell PEFT the variant.
+    """
+
+    name = "lora"
+    fused_4bit = True
+    linear = True
+    peft_flags = {"use_dora": False}
+    aliases: dict = {}  # other key suffixes accepted on load -> the canonical suffix
+
+    def init(self, layer: "LoraLinear", name: str) -> None:
+        """Create extra parameters (after A and B are initialised)."""
+
+    def forward(self, layer: "LoraLinear", name: str, x: torch.Tensor) -> torch.Tensor:
+        """base(x) plus this adapter: the layer's path when it is the only adapter applied
+        (and the fused 4-bit path does not apply). A variant that overrides only ``delta``
+        gets base(x) + delta."""
+        if not self.standard_math():
+            base_out = layer.base(x)
+            return base_out + self.delta(layer, name, x, base_out)
+        spec = layer.adapters[name]
+        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
+        y = layer.base(x).reshape(-1, B.shape[0])  # (M, out)
+        xa = F.linear(layer.lora_dropout[name](x), A).reshape(-1, A.shape[0])  # (M, r)
+        # y += s * (x_d A^T) B^T
+        return torch.addmm(y, xa, B.t(), alpha=spec.scaling).reshape(*x.shape[:-1], B.shape[0])
+
+    def standard_math(self) -> bool:
+        """True when the output is plain LoRA's (neither ``forward`` nor ``delta`` overridden)."""
+        return type(self).forward is LoraVariant.forward and type(self).delta is LoraVariant.delta
+
+    def delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to ``base_out = base(x)``: s B A dropout(x)."""
+        spec = layer.adapters[name]
+        xd = layer.lora_dropout[name](x)
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return F.linear(F.linear(xd, A.to(x.dtype)), B.to(x.dtype)) * spec.scaling
+
+    def merge(self, layer: "LoraLinear", name: str, w: torch.Tensor) -> torch.Tensor:
+        """The base weight with the adapter folded in (w fp32 [out, in])."""
+        return w + layer.delta_weight(name)
+
+    def unmerge(self, layer: "LoraLinear", name: str, w: torch.Tensor) -> torch.Tensor:
+        return w - layer.delta_weight(name)
+
+    def shapes(self, in_features: int, out_features: int, r: int) -> dict[str, tuple]:
+        """Saved tensors: key suffix (after the module name) -> shape."""
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+
+    def tensors(self, layer: "LoraLinear", name: str) -> dict[str, torch.Tensor]:
+        """The live parameters behind ``shapes`` (saving reads them, loading copies into them)."""
+        return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+
+    def set_trainable(self, layer: "LoraLinear", name: str, trainable: bool) -> None:
+        for t in self.tensors(layer, name).values():
+            t.requires_grad_(trainable)
+
+
+_VARIANTS["lora"] = LoraVariant()
+
+
+@register_variant("dora")
+class DoraVariant(LoraVariant):
+    """DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353), as PEFT computes it.
+
+        W' = m * (W + s B A) / ||W + s B A||_row       m = lora_magnitude_vector [out]
+        y  = base(x) + (m/n - 1) (W x) + (m/n) s B A x,  n = ||W + s B A||_row, detached
+
+    n is treated as a constant (paper section 4.3; PEFT detaches it). It is computed without a
+    full-size weight copy: the row norms of the frozen W are cached, and each step adds only
+    low-rank terms (``LoraLinear.dora_weight_norm``). With dropout in training, W x uses the
+    dropped x as in PEFT.
+    """
+
+    fused_4bit = False
+    linear = False
+    peft_flags = {"use_dora": True}
+    aliases = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+
+    def init(self, layer, name):
+        if not hasattr(layer, "lora_magnitude_vector"):
+            layer.lora_magnitude_vector = nn.ParameterDict()
+        with torch.no_grad():
+            m = layer.dora_weight_norm(name)
+        layer.lora_magnitude_vector[name] = nn.Parameter(m.to(layer.lora_A[name].weight.dtype))
+
+    def forward(self, layer, name, x):
+        """The single-adapter path, with as few full-size passes as the formula allows:
+
+            h = W x_d + s (x_d A^T) B^T            (one addmm)
+            y = b + (m/n) h                        (no dropout: one addcmul)
+            y = W x + b + (m/n) h - W x_d          (dropout in training, as PEFT)
+
+        On a 4-bit base, x W^T, x_d W^T and W A^T (for the norm) come from one pass over the
+        packed W: [X; X_d; A] W^T, A's rows detached (the norm is a constant).
+        """
+        spec = layer.adapters[name]
+        lead, n_in = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, n_in)  # (M, in)
+        M, dropout = x2.shape[0], layer.lora_dropout[name]
+        drop = layer.training and not isinstance(dropout, nn.Identity)
+        xd2 = dropout(x2) if drop else x2
+        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
+        wa = None
+        if layer.is_4bit:
+            ext = layer.base_matmul(torch.cat([x2] + ([xd2] if drop else []) + [A.detach()]))
+            wx, wa = ext[:M], ext[ext.shape[0] - A.shape[0]:].detach().float().t()  # W A^T  (out, r)
+            wxd = ext[M:2 * M] if drop else wx
+        else:
+            wx = layer.base_matmul(x2)  # (M, out)
+            wxd = layer.base_matmul(xd2) if drop else wx
+        with torch.no_grad():
+            norm = layer.dora_weight_norm(name, wa)  # (out,) fp32, a constant
+        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)  # m / n   (out,)
+        # h = W x_d + s * (x_d A^T) B^T
+        h = torch.addmm(wxd, F.linear(xd2, A), B.t(), alpha=spec.scaling)
+        bias = layer.base.bias
+        if drop:
+            y = wx + scale * h - wxd
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            # y = b + (m/n) * h
+            y = h * scale if bias is None else torch.addcmul(bias.to(h.dtype), h, scale)
+        return y.reshape(*lead, y.shape[-1])
+
+    def delta(self, layer, name, x, base_out):
+        """(m/n - 1) W x_d + (m/n) s B A x_d: PEFT's form, for several adapters at once."""
+        spec = layer.adapters[name]
+        dropout = layer.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            wx = base_out if layer.base.bias is None else base_out - layer.base.bias.to(base_out.dtype)
+        else:
+            x = dropout(x)
+            wx = layer.base_matmul(x)  # W x_d, no bias
+        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
+        with torch.no_grad():
+            norm = layer.dora_weight_norm(name)
+        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)
+        return (scale - 1) * wx + scale * (F.linear(F.linear(x, A), B) * spec.scaling)
+
+    def merge(self, layer, name, w):
+        dw = layer.delta_weight(name)
+        norm = torch.linalg.norm(w + dw, dim=1)  # from the unmerged weight, kept for unmerge
+        layer._merge_norms[name] = norm
+        return (layer.lora_magnitude_vector[name].float() / norm)[:, None] * (w + dw)
+
+    def unmerge(self, layer, name, w):
+        norm = layer._merge_norms.pop(name)
+        return w / (layer.lora_magnitude_vector[name].float() / norm)[:, None] - layer.delta_weight(name)
+
+    def shapes(self, in_features, out_features, r):
+        return {**super().shapes(in_features, out_features, r), "lora_magnitude_vector": (out_features,)}
+
+    def tensors(self, layer, name):
+        return {**super().tensors(layer, name), "lora_magnitude_vector": layer.lora_magnitude_vector[name]}
+
+
+# ------------------------------------------------------------------------------------------
+# the layer
+# ------------------------------------------------------------------------------------------
+class LoraLinear(nn.Module):
+    """y = W0 x + b + s B A dropout(x) with s = alpha / r (rsLoRA: alpha / sqrt(r)).
+
+    Arguments: ``in_features``, ``out_features``; ``r`` (rank), ``alpha``, ``dropout`` (on the
+    adapter's input only); ``base``: the frozen linear (``nn.Linear`` or ``Linear4bit``; None
+    makes a fresh ``nn.Linear``); ``use_rslora``; ``init`` (see the module docstring);
+    ``kind`` (a registered variant); ``adapter_name``; ``base_quant``: quantize the base to 4
+    bits after init (dict of ``quant_type``, ``blocksize``, ``double_quant``,
+    ``compute_dtype``; LoftQ always quantizes, nf4 / 64 / double by default);
+    ``loftq_iters``; ``param_dtype`` of A and B (fp32: they are cast to the input's dtype in
+    the forward, so bf16 compute keeps fp32 master weights).
+
+    ``disabled = True`` gives the original base. Raises ValueError on contradictory
+    arguments. More adapters: :meth:`add_adapter`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, base: nn.Module | None = None, *, use_rslora: bool = False,
+                 init: str = "default", kind: str = "lora", adapter_name: str = "default",
+                 base_quant: dict | None = None, loftq_iters: int = 1, param_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{what} must be a positive int, got {v!r}")
+        if base is None:
+            base = nn.Linear(in_features, out_features, bias=False)
+        if not isinstance(base, (nn.Linear, Linear4bit)):
+            raise ValueError(f"base must be nn.Linear or Linear4bit, got {type(base).__name__}")
+        if (base.in_features, base.out_features) != (in_features, out_features):
+            raise ValueError(f"base is [{base.out_features}, {base.in_features}] (out, in) but "
+                             f"in_features={in_features}, out_features={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.base = base
+        self.base.requires_grad_(False)
+        self.param_dtype = param_dtype
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str] | None = None  # per-row selection set by adapters.adapter_rows
+        self.init_owner: str | None = None  # the adapter whose init rewrote the base ("" once deleted)
+        self.init_scaling = 0.0
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._norm_cache: tuple | None = None
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora, init=init, kind=kind,
+                         base_quant=base_quant, loftq_iters=loftq_iters)
+
+    # -- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, *, use_rslora: bool = False,
+                    init: str = "default", kind: str = "lora", base_quant: dict | None = None,
+                    loftq_iters: int = 1, activate: bool | None = None) -> None:
+        """Add adapter ``name`` (active when it is the first, or with ``activate=True``)."""
+        if not isinstance(name, str) or not name or "." in name or name == BASE:
+            raise ValueError(f"adapter name must be a non-empty string without '.', not {BASE!r}; got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r} (choose {', '.join(INITS)})")
+        variant = get_variant(kind)
+        if init in BASE_REWRITING_INITS:
+            if self.init_owner is not None:
+                raise ValueError(f"init {init!r} rewrites the base, which adapter {self.init_owner!r} already did")
+            if not variant.linear:
+                raise ValueError(f"init {init!r} cannot be combined with kind {kind!r}")
+            if r > min(self.in_features, self.out_features):
+                raise ValueError(f"init {init!r} needs r <= min(in, out) = "
+                                 f"{min(self.in_features, self.out_features)}, got {r}")
+            if init == "loftq" and self.is_4bit:
+                raise ValueError("LoftQ needs the full-precision weight: give it the dense linear, "
+                                 "it quantizes the base itself")
+            if not (isinstance(loftq_iters, int) and loftq_iters >= 1):
+                raise ValueError(f"loftq_iters must be an int >= 1, got {loftq_iters!r}")
+        elif base_quant is not None:
+            raise ValueError(f"base_quant is for the base-rewriting inits {BASE_REWRITING_INITS}, not {init!r}")
+        if base_quant is not None and self.is_4bit:
+            raise ValueError("base_quant given but the base is already 4-bit")
+        spec = AdapterSpec(kind, r, float(alpha), float(dropout), bool(use_rslora), init)
+        dev = self.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=self.param_dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=self.param_dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters[name] = spec
+        try:
+            self._init_weights(name, base_quant, loftq_iters)
+            variant.init(self, name)
+        except BaseException:
+            self._drop(name)
+            raise
+        if activate or (activate is None and not self.active):
+            self.active = self.active + [name]
+
+    @torch.no_grad()
+    def _init_weights(self, name: str, base_quant: dict | None, loftq_iters: int) -> None:
+        spec = self.adapters[name]
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        s, r = spec.scaling, spec.r
+        if spec.init == "default":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+            return
+        if spec.init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+            nn.init.zeros_(B)
+            return
+        if spec.init == "none":
+            A.zero_()
+            B.zero_()
+            return
+        w = self.base_weight(torch.float32).float()  # (out, in)
+        quant = None
+        if spec.init == "pissa":
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            sr = (S[:r] / s).sqrt()
+            a, b = sr[:, None] * Vh[:r], U[:, :r] * sr[None, :]
+        elif spec.init == "olora":
+            Q, R = torch.linalg.qr(w)
+            a, b = R[:r].contiguous(), Q[:, :r].contiguous()
+        else:  # loftq
+            quant = {"quant_type": "nf4", "blocksize": 64, "double_quant": True, **(base_quant or {})}
+            res = w
+            for _ in range(loftq_iters):
+                packed, state = QF.quantize_4bit(res, blocksize=quant["blocksize"], quant_type=quant["quant_type"],
+                                                 double_quant=quant["double_quant"])
+                U, S, Vh = torch.linalg.svd(w - QF.dequantize_4bit(packed, state, torch.float32),
+                                            full_matrices=False)
+                sr = (S[:r] / s).sqrt()
+                a, b = sr[:, None] * Vh[:r], U[:, :r] * sr[None, :]
+                res = w - s * (b @ a)
+        A.copy_(a)
+        B.copy_(b)
+        self.init_owner, self.init_scaling = name, s
+        self.register_buffer("init_lora_A", a.clone().to(self.param_dtype), persistent=False)
+        self.register_buffer("init_lora_B", b.clone().to(self.param_dtype), persistent=False)
+        if spec.init == "loftq":
+            state.dtype = self._weight_dtype  # dequantize to the dtype the dense weight had
+            self.base = Linear4bit.from_quantized(packed, state, bias=self.base.bias,
+                                                  compute_dtype=quant.get("compute_dtype"))
+            self.base.requires_grad_(False)
+        else:
+            self._set_base_weight(w - s * (b @ a), base_quant)
+
+    def _set_base_weight(self, w: torch.Tensor, base_quant: dict | None = None) -> None:
+        """Replace the base weight with ``w`` (dense: in place; 4-bit or base_quant: quantized)."""
+        if self.is_4bit or base_quant is not None:
+            opts = ({"quant_type": self.base.quant_type, "blocksize": self.base.blocksize,
+                     "double_quant": self.base.double_quant, "compute_dtype": self.base.compute_dtype}
+                    if self.is_4bit else {"quant_type": "nf4", "blocksize": 64, "double_quant": True,
+                                          "compute_dtype": None, **base_quant})
+            packed, state = QF.quantize_4bit(w.to(self._weight_dtype), blocksize=opts["blocksize"],
+                                             quant_type=opts["quant_type"], double_quant=opts["double_quant"])
+            self.base = Linear4bit.from_quantized(packed, state, bias=self.base.bias,
+                                                  compute_dtype=opts["compute_dtype"])
+            self.base.requires_grad_(False)
+        else:
+            self.base.weight.data.copy_(w.to(self.base.weight.dtype))
+        self._norm_cache = None
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerged first; a rewritten base gets its s B0 A0 back)."""
+        if name not in self.adapters:
+            raise ValueError(f"no adapter {name!r} in this layer")
+        if name in self.merged:
+            self.unmerge()
+        if self.init_owner == name:
+            if self.is_4bit:
+                self.init_owner = ""  # keep adding s B0 A0: the 4-bit residual cannot absorb it exactly
+            else:
+                with torch.no_grad():
+                    self._set_base_weight(self.base.weight.float() + self._init_delta_weight())
+                self._clear_init()
+        self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        for d in self.children():  # lora_A, lora_B, lora_dropout and any variant's dicts
+            if isinstance(d, (nn.ModuleDict, nn.ParameterDict)) and name in d:
+                del d[name]
+        self.adapters.pop(name, None)
+        self.active = [n for n in self.active if n != name]
+        if self.init_owner == name:
+            self._clear_init()
+
+    def _clear_init(self) -> None:
+        self.init_owner = None
+        for b in ("init_lora_A", "init_lora_B"):
+            self._buffers.pop(b, None)
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        get_variant(self.adapters[name].kind).set_trainable(self, name, trainable)
+
+    def variant(self, name: str) -> LoraVariant:
+        return get_variant(self.adapters[name].kind)
+
+    # -- the base ------------------------------------------------------------------------
+    @property
+    def is_4bit(self) -> bool:
+        return isinstance(self.base, Linear4bit)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.weight.device
+
+    @property
+    def _weight_dtype(self) -> torch.dtype:
+        return self.base.weight_dtype if self.is_4bit else self.base.weight.dtype
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense base weight [out, in] (the parameter itself for nn.Linear; dequantized for 4-bit)."""
+        if self.is_4bit:
+            return self.base.dequantize(dtype)
+        w = self.base.weight
+        return w if dtype is None else w.to(dtype)
+
+    def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T without the bias, differentiable in x."""
+        if self.is_4bit:
+            cdt = self.base.compute_dtype or x.dtype
+            return MatMul4bit.apply(x.to(cdt), self.base.weight, self.base.quant_state, None).to(x.dtype)
+        return F.linear(x, self.base.weight.to(x.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s B A [out, in] in fp32."""
+        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        return self.adapters[name].scaling * (B @ A)
+
+    def _init_delta_weight(self) -> torch.Tensor:
+        return self.init_scaling * (self.init_lora_B.float() @ self.init_lora_A.float())
+
+    def weight_row_sq_norm(self) -> torch.Tensor:
+        """||W_i||^2 per output row (fp32 [out]), cached while the frozen base is unchanged."""
+        w = self.base.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                if self.is_4bit:
+                    sq = self.base.dequantize(torch.float32).pow(2).sum(1)
+                else:
+                    sq = torch.cat([c.float().pow(2).sum(1) for c in w.detach().split(1024)])
+            self._norm_cache = (key, sq)
+        return self._norm_cache[1]
+
+    def dora_weight_norm(self, name: str, wa: torch.Tensor | None = None) -> torch.Tensor:
+        """||W + s B A||_row (fp32 [out]) without forming W + s B A.
+
+            ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <W_i, (BA)_i> + s^2 ||(BA)_i||^2
+            <W_i, (BA)_i>        = rowsum((W A^T) * B)          W A^T is [out, r]
+            ||(BA)_i||^2         = rowsum((B (A A^T)) * B)      A A^T is [r, r]
+
+        ``wa``: W A^T (fp32 [out, r]) when the caller already has it.
+        """
+        spec = self.adapters[name]
+        A, B, s = self.lora_A[name].weight.float(), self.lora_B[name].weight.float(), spec.scaling
+        if wa is not None:
+            pass
+        elif self.is_4bit:
+            cdt = self.base.compute_dtype or torch.float32
+            wa = dispatch.matmul_4bit(A.to(cdt), self.base.weight, self.base.quant_state).float().t()  # (out, r)
+        else:
+            wa = F.linear(A.to(self.base.weight.dtype), self.base.weight).float().t()  # W A^T  (out, r)
+        cross = (wa * B).sum(1)
+        ba_sq = ((B @ (A @ A.t())) * B).sum(1)
+        return (self.weight_row_sq_norm() + 2 * s * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+
+    # -- forward -------------------------------------------------------------------------
+    def _needs_init_delta(self, applied) -> bool:
+        return self.init_owner is not None and self.init_owner not in applied and self.init_owner not in self.merged
+
+    def _init_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s B0 A0 x: what a base-rewriting init took out of the base."""
+        A0, B0 = self.init_lora_A.to(x.dtype), self.init_lora_B.to(x.dtype)
+        return F.linear(F.linear(x, A0), B0) * self.init_scaling
+
+    def _fusable(self, name: str) -> bool:
+        v = self.variant(name)
+        return self.is_4bit and v.fused_4bit and v.standard_math()
+
+    def _fused(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        spec, base = self.adapters[name], self.base
+        cdt = base.compute_dtype or x.dtype
+        xc = x.to(cdt)
+        dropout = self.lora_dropout[name]
+        x_drop = dropout(xc) if (self.training and not isinstance(dropout, nn.Identity)) else None
+        A, B = self.lora_A[name].weight.to(cdt), self.lora_B[name].weight.to(cdt)
+        y = lora_4bit(xc, base.weight, base.quant_state, base.bias, A, B, spec.scaling, x_drop)
+        return y.to(x.dtype)
+
+    def _apply(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """base(x) plus the adapters ``names`` (and s B0 A0 x when the init owner is not among them)."""
+        if len(names) == 1:
+            n = names[0]
+            out = self._fused(x, n) if self._fusable(n) else self.variant(n).forward(self, n, x)
+        else:
+            out = base_out = self.base(x)
+            for n in names:
+                out = out + self.variant(n).delta(self, n, x, base_out)
+        if self._needs_init_delta(names):
+            out = out + self._init_delta(x)
+        return out
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        rows = adapter_names if adapter_names is not None else self.row_adapters
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self._apply(x, [])
+        if rows is not None:
+            return self._forward_rows(x, rows)
+        return self._apply(x, [n for n in self.active if n in self.adapters and n not in self.merged])
+
+    def _forward_rows(self, x: torch.Tensor, rows: list[str]) -> torch.Tensor:
+        if self.merged:
+            raise ValueError("per-row adapter selection needs unmerged adapters (call unmerge first)")
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]} rows")
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(rows):
+            groups.setdefault(n, []).append(i)
+        if len(groups) == 1:
+            n = rows[0]
+            return self._apply(x, [n] if n in self.adapters else [])
+        out = None
+        for n, idx in groups.items():
+            idx_t = torch.tensor(idx, device=x.device)
+            ys = self._apply(x.index_select(0, idx_t), [n] if n in self.adapters else [])
+            if out is None:
+                out = ys.new_empty(x.shape[0], *ys.shape[1:])
+            out = out.index_copy(0, idx_t, ys)
+        return out
+
+    # -- merging -------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the dense base weight."""
+        if self.is_4bit:
+            raise ValueError("cannot merge into a 4-bit base in place (use adapters.merge_and_unload)")
+        for n in (self.active if names is None else names):
+            if n not in self.adapters or n in self.merged:
+                continue
+            w = self.base.weight
+            w.data.copy_(self.variant(n).merge(self, n, w.float()).to(w.dtype))
+            self.merged.append(n)
+        self._norm_cache = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take every merged adapter out again (in reverse order)."""
+        while self.merged:
+            n = self.merged.pop()
+            w = self.base.weight
+            w.data.copy_(self.variant(n).unmerge(self, n, w.float()).to(w.dtype))
+        self._norm_cache = None
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """fp32 [out, in]: the base with the merged and the active adapters folded in (and
+        s B0 A0 when the adapter that rewrote the base is neither)."""
+        applied = [n for n in self.active if n in self.adapters and n not in self.merged]
+        w = self.base_weight(torch.float32).float().clone()
+        if self._needs_init_delta(applied):
+            w += self._init_delta_weight()
+        for n in applied:
+            w = self.variant(n).merge(self, n, w)
+            self._merge_norms.pop(n, None)  # a copy, not a merge of the layer: nothing to undo
+        return w
+
+    def extra_repr(self) -> str:
+        specs = ", ".join(f"{n}: {s.kind} r={s.r} alpha={s.alpha:g}" + (" rslora" if s.use_rslora else "")
+                          for n, s in self.adapters.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, [{specs}], "
+                f"active={self.active}" + (", disabled" if self.disabled else ""))
