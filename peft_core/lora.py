@@ -77,8 +77,10 @@ def register_variant(name: str):
 
 def variant_names() -> list[str]:
     """Registered variants plus the modules of ``peft_core/variants`` (not yet imported)."""
-    from . import variants
-
+    try:
+        from . import variants
+    except ImportError:  # an installation without the variants package
+        return sorted(_VARIANTS)
     found = {m.name for m in pkgutil.iter_modules(variants.__path__) if not m.name.startswith("_")}
     return sorted(set(_VARIANTS) | found)
 

@@ -118,6 +118,28 @@ def test_peft_saved_adapter_loads_into_ours(case, hf_setup, tmp_path):
         assert_rel(ours(ids), want)
 
 
+def test_peft_dora_on_a_model_with_biases(tmp_path):
+    """DoRA takes the bias out of the base output before scaling (q/k/v/o and MLP biases)."""
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    save_model(tiny_model("llama-bias", seed=15), base_dir)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(16))
+    torch.manual_seed(17)
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                               init_lora_weights=False, exclude_modules=["k_proj"])).eval()
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ours = load_model(base_dir).eval()
+    load_adapter(ours, tmp_path / "adapter")
+    assert type(ours.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # excluded
+    with torch.no_grad():
+        assert_rel(ours(ids), want)
+
+
 OUR_CASES = {
     "lora": AdapterConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]),
     "rslora_patterns": AdapterConfig(r=4, alpha=6, rslora=True, rank_pattern={"v_proj": 2, "down_proj": 5},

@@ -105,3 +105,23 @@ def test_layer_uses_reference_path_for_other_variants():
     q = Linear4bit.from_linear(nn.Linear(64, 32, bias=False))
     layer = LoraLinear(64, 32, r=4, alpha=8, base=q, kind="dora")
     assert layer(torch.randn(3, 64)).grad_fn.name() != "LoRA4bitFunctionBackward"
+
+
+@pytest.mark.parametrize("backend", [b for b in backends() if b != "triton"])  # interpreter bf16 is wrong
+def test_bf16_error_at_most_twice_eager(backend, monkeypatch):
+    monkeypatch.setenv("LEANTUNE_BACKEND", backend)
+    x, packed, state, b, A, Bm = make(2, 5, 64, 48)
+    grad_y = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(3))
+
+    def run(fn, dtype):
+        xl, bl, Al, Bl = leaves(*(t.to(dtype) for t in (x, b, A, Bm)))
+        y = fn(xl, packed, state, bl, Al, Bl, 1.5, None)
+        y.backward(grad_y.to(dtype))
+        return [t.float() for t in (y.detach(), xl.grad, Al.grad, Bl.grad)]
+
+    exact = run(lora_4bit_reference, torch.float32)
+    eager = run(lora_4bit_reference, torch.bfloat16)
+    fused = run(lora_4bit, torch.bfloat16)
+    for name, e, g, f in zip(("y", "dX", "dA", "dB"), exact, eager, fused):
+        err_eager, err_fused = (g - e).abs().max(), (f - e).abs().max()
+        assert err_fused <= 2 * err_eager + 1e-6, f"{name}: fused {err_fused:.3g} > 2 x eager {err_eager:.3g}"
