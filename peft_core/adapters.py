@@ -455,7 +455,8 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
     if not cfg_path.is_file():
         raise ModelError(str(d), "no adapter_config.json (not a PEFT adapter folder)")
     if not w_path.is_file():
-        extra = " (adapter_model.bin is not supported: save with safetensors)" if (d / "adapter_model.bin").exists() else ""
+        has_bin = (d / "adapter_model.bin").exists()
+        extra = " (adapter_model.bin is not supported: save with safetensors)" if has_bin else ""
         raise ModelError(str(d), f"no adapter_model.safetensors{extra}")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))

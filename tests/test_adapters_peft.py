@@ -121,6 +121,7 @@ def test_peft_saved_adapter_loads_into_ours(case, hf_setup, tmp_path):
 def test_peft_dora_on_a_model_with_biases(tmp_path):
     """DoRA takes the bias out of the base output before scaling (q/k/v/o and MLP biases)."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     base_dir = tmp_path / "base"

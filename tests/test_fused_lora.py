@@ -4,6 +4,8 @@ Outputs and every gradient (dX, dA, dB, db, and dX through dropout) are compared
 and on odd shapes, for each 4-bit backend the dispatcher can run here: the reference, the C
 kernels, and Triton (under TRITON_INTERPRET=1 on CPU, set by tests/conftest.py).
 """
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,7 +23,8 @@ def backends():
     out = ["reference"]
     if dispatch._cpu() is not None:
         out.append("cpu")
-    if dispatch._triton() is not None and (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py without CUDA
+    if dispatch._triton() is not None and (torch.cuda.is_available() or interpreted):
         out.append("triton")
     return out
 
