@@ -117,6 +117,9 @@ def bench_dequant(n: int, rounds: int, copy_gbs: float) -> list[dict]:
     if bnbF is not None:
         bp, bs = bnbF.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=False)
         fns["bnb"] = lambda: bnbF.dequantize_4bit(bp, bs)
+        kernel = _bnb_native_dequant(bp, bs.absmax, n)
+        if kernel is not None:
+            fns["bnb kernel"] = kernel
     if n > 1 << 24:
         fns.pop("reference")  # seconds per call; not informative at this size
     res = time_providers(fns, rounds, min_time=0.002)
@@ -128,7 +131,26 @@ def bench_dequant(n: int, rounds: int, copy_gbs: float) -> list[dict]:
         r["frac_copy_bound"] = r["GB/s"] / copy_gbs
         rows.append(r)
     _ratios(rows, "bnb")
+    _ratios(rows, "bnb kernel", key="speedup_vs_bnb_kernel")
     return rows
+
+
+def _bnb_native_dequant(packed, absmax, n: int):
+    """bitsandbytes' own C kernel into a preallocated output (what its public function runs
+    after allocating), to compare kernels without page faults; None if it cannot be reached."""
+    try:
+        import ctypes as ct
+
+        from bitsandbytes.cextension import lib
+        from bitsandbytes.functional import get_ptr
+
+        fn = lib.cdequantize_blockwise_cpu_nf4_fp32
+    except Exception:  # an internal API of the peer: optional
+        return None
+    out = torch.empty(n)
+    a = packed.reshape(1, n // 2)
+    return lambda: fn(get_ptr(a), get_ptr(absmax), get_ptr(out), ct.c_longlong(BLOCKSIZE),
+                      ct.c_longlong(1), ct.c_longlong(n))
 
 
 def bench_quant(n: int, rounds: int) -> list[dict]:
@@ -219,6 +241,8 @@ def _fmt_row(r: dict) -> str:
         extra.append(f"{100 * r['frac_copy_bound']:5.1f}% copy")
     if "speedup_vs_bnb" in r:
         extra.append(f"x{r['speedup_vs_bnb']:.2f} vs bnb")
+    if "speedup_vs_bnb_kernel" in r:
+        extra.append(f"x{r['speedup_vs_bnb_kernel']:.2f} vs bnb kernel")
     if "time_vs_dense" in r:
         extra.append(f"{r['time_vs_dense']:.3f}x dense time")
     return f"  {r['provider']:<10} {t}  " + "  ".join(extra)
@@ -230,10 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--sizes", default="", help="comma list of numel for dequant / quant")
     p.add_argument("--shapes", default="", help="semicolon list of M,K,N for linear")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     p.add_argument("--record", default=str(ROOT / "bench" / "records" / "bench_quant_cpu.jsonl"))
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
               if args.shapes else LINEAR_SHAPES)

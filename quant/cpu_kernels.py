@@ -51,22 +51,21 @@ TILE_ELEMS = 1 << 20
 GEMV_MAX_M = 32
 GEMV_T_MAX_M = 16
 
-_F32P = ctypes.POINTER(ctypes.c_float)
-_U8P = ctypes.POINTER(ctypes.c_uint8)
-_U16P = ctypes.POINTER(ctypes.c_uint16)
+# Pointers cross as plain addresses (tensor.data_ptr()); the C prototypes give their types.
+_P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
 # name -> (restype, argtypes)
 _SIGNATURES = {
-    "lt_dequant4_f32": (None, [_U8P, _F32P, _F32P, _I64, _I64, _F32P, _INT]),
-    "lt_dequant4_bf16": (None, [_U8P, _F32P, _F32P, _I64, _I64, _U16P, _INT]),
-    "lt_dequant4_f16": (None, [_U8P, _F32P, _F32P, _I64, _I64, _U16P, _INT]),
-    "lt_dequant4_tile_f32": (None, [_U8P, _F32P, _F32P, _I64, _I64, _I64, _I64, _I64, _I64, _F32P, _I64, _INT]),
-    "lt_quant4_f32": (_I64, [_F32P, _I64, _F32P, _U8P, _I64, _U8P, _F32P, _INT]),
-    "lt_gemv4_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
-    "lt_gemv4_t_f32": (_INT, [_F32P, _I64, _I64, _U8P, _F32P, _F32P, _I64, _I64, _I64, _F32P, _I64, _INT]),
-    "lt_advise_hugepages": (_INT, [ctypes.c_void_p, _I64]),
+    "lt_dequant4_f32": (None, [_P, _P, _P, _I64, _I64, _P, _INT]),
+    "lt_dequant4_bf16": (None, [_P, _P, _P, _I64, _I64, _P, _INT]),
+    "lt_dequant4_f16": (None, [_P, _P, _P, _I64, _I64, _P, _INT]),
+    "lt_dequant4_tile_f32": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT]),
+    "lt_quant4_f32": (_I64, [_P, _I64, _P, _P, _I64, _P, _P, _INT]),
+    "lt_gemv4_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
+    "lt_gemv4_t_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
+    "lt_advise_hugepages": (_INT, [_P, _I64]),
     "lt_isa_level": (_INT, []),
     "lt_has_openmp": (_INT, []),
 }
@@ -87,9 +86,10 @@ class _Loader:
                 if not self.tried:
                     try:
                         self.lib = self._load()
-                    except _Unavailable as e:
-                        self.info["error"] = str(e)
-                        print(f"leantune: C kernels unavailable ({e}); using the PyTorch reference",
+                    except Exception as e:  # never crash the caller: report once, fall back
+                        reason = str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
+                        self.info["error"] = reason
+                        print(f"leantune: C kernels unavailable ({reason}); using the PyTorch reference",
                               file=sys.stderr)
                     self.tried = True
         return self.lib
@@ -240,8 +240,9 @@ def _check_codes(packed, absmax, code, blocksize: int, numel: int):
         raise ValueError(f"code must have 16 entries, got {code.numel()}")
 
 
-def _ptr(t: torch.Tensor, ptype):
-    return ctypes.cast(t.data_ptr(), ptype)
+def _ptr(t: torch.Tensor) -> int:
+    """The address of t's first element (ctypes passes it as the C pointer)."""
+    return t.data_ptr()
 
 
 def _threads() -> int:
@@ -251,9 +252,8 @@ def _threads() -> int:
 # ----------------------------------------------------------------------------------------
 # Dequantize
 
-_DEQUANT_FN = {torch.float32: ("lt_dequant4_f32", _F32P),
-               torch.bfloat16: ("lt_dequant4_bf16", _U16P),
-               torch.float16: ("lt_dequant4_f16", _U16P)}
+_DEQUANT_FN = {torch.float32: "lt_dequant4_f32", torch.bfloat16: "lt_dequant4_bf16",
+               torch.float16: "lt_dequant4_f16"}
 
 
 # A fresh output at least this large gets huge pages (see _empty_output).
@@ -293,9 +293,8 @@ def dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype=torch.floa
         if out.numel() != numel:
             raise ValueError(f"out has {out.numel()} elements, expected {numel}")
     if numel:
-        name, ptype = _DEQUANT_FN[dtype]
-        getattr(_lib(), name)(_ptr(packed, _U8P), _ptr(absmax, _F32P), _ptr(code, _F32P),
-                              blocksize, numel, _ptr(out, ptype), _threads())
+        getattr(_lib(), _DEQUANT_FN[dtype])(_ptr(packed), _ptr(absmax), _ptr(code),
+                                            blocksize, numel, _ptr(out), _threads())
     return out.view(-1)
 
 
@@ -341,8 +340,8 @@ def quantize_4bit_cpu(x, code, blocksize):
     absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32)
     if numel:
         bounds, order = _bounds_and_order(code)
-        non_finite = _lib().lt_quant4_f32(_ptr(x, _F32P), numel, _ptr(bounds, _F32P), _ptr(order, _U8P),
-                                          blocksize, _ptr(packed, _U8P), _ptr(absmax, _F32P), _threads())
+        non_finite = _lib().lt_quant4_f32(_ptr(x), numel, _ptr(bounds), _ptr(order),
+                                          blocksize, _ptr(packed), _ptr(absmax), _threads())
         if non_finite:
             raise ValueError(f"x contains non-finite values ({int(torch.isnan(x).sum())} NaN, "
                              f"{int(torch.isinf(x).sum())} Inf); cannot quantize")
@@ -391,11 +390,11 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
         return y
     lib = _lib()
     nt = _threads()
-    args = (_ptr(packed, _U8P), _ptr(absmax, _F32P), _ptr(code, _F32P), blocksize)
+    args = (_ptr(packed), _ptr(absmax), _ptr(code), blocksize)
 
     if M <= (GEMV_T_MAX_M if transpose else GEMV_MAX_M):
         gemv = lib.lt_gemv4_t_f32 if transpose else lib.lt_gemv4_f32
-        if gemv(_ptr(x, _F32P), x_cols, M, *args, N, K, _ptr(y, _F32P), y_cols, nt) != 0:
+        if gemv(_ptr(x), x_cols, M, *args, N, K, _ptr(y), y_cols, nt) != 0:
             raise MemoryError("linear_4bit_cpu: out of memory for the GEMV row buffer")
         return y
 
@@ -406,7 +405,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
             nr = min(rows, N - n0)
             tile = buf[: nr * K].view(nr, K)
             # tile = W[n0:n0+nr, :]
-            lib.lt_dequant4_tile_f32(*args, K, n0, nr, 0, K, _ptr(tile, _F32P), K, nt)
+            lib.lt_dequant4_tile_f32(*args, K, n0, nr, 0, K, _ptr(tile), K, nt)
             # y[:, n0:n0+nr] = x @ tile^T
             torch.mm(x, tile.t(), out=y[:, n0:n0 + nr])
     else:
@@ -416,7 +415,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
             kc = min(cols, K - k0)
             tile = buf[: N * kc].view(N, kc)
             # tile = W[:, k0:k0+kc]
-            lib.lt_dequant4_tile_f32(*args, K, 0, N, k0, kc, _ptr(tile, _F32P), kc, nt)
+            lib.lt_dequant4_tile_f32(*args, K, 0, N, k0, kc, _ptr(tile), kc, nt)
             # y[:, k0:k0+kc] = x @ tile
             torch.mm(x, tile, out=y[:, k0:k0 + kc])
     return y
