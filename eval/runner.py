@@ -201,7 +201,9 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
                       for p, it in zip(prompts[kind], items)]
                 results[label]["choice"] = choice_scores(ll, golds)
             if "loss" in metrics:
-                losses[label] = heldout_loss(model, tok, records[kind], fmt, cfg.data.max_len,
+                # a longer window than training's: few-shot prompts must not push the answer out
+                max_len = max(cfg.data.max_len, 4096)
+                losses[label] = heldout_loss(model, tok, records[kind], fmt, max_len,
                                              cfg.eval.batch_size, device)
     extra = {"config": {"model": str(model_dir), "adapters": {k: str(v) for k, v in adapters.items()},
                         "shots": len(shots), "data": str(data_path)}}

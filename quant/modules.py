@@ -64,6 +64,7 @@ class Linear4bit(nn.Module):
             self.register_buffer("nested_absmax", torch.zeros(-(-n_blocks // self.nested_blocksize), device=device))
             self.register_buffer("nested_quant_map", F.create_dynamic_map().to(device))
             self.register_buffer("nested_offset", torch.zeros((), device=device))
+        self.register_buffer("scales", None, persistent=False)  # decoded absmax cache
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device))
         else:
@@ -109,6 +110,7 @@ class Linear4bit(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.double_quant:
             self._offset = float(self.nested_offset)  # cached: no device sync in forward
+        self.scales = None
 
     @property
     def quant_state(self) -> QuantState:
@@ -116,8 +118,14 @@ class Linear4bit(nn.Module):
         nested = None
         if self.double_quant:
             nested = NestedState(self.nested_absmax, self.nested_quant_map, self.nested_blocksize, self._offset)
-        return QuantState(self.quant_type, self.blocksize, (self.out_features, self.in_features),
-                          self.weight_dtype, self.absmax, self.quant_map, nested)
+        state = QuantState(self.quant_type, self.blocksize, (self.out_features, self.in_features),
+                           self.weight_dtype, self.absmax, self.quant_map, nested)
+        if self.weight.device.type == "cpu":
+            if self.scales is None or self.scales.device != self.weight.device:
+                F.check_state(self.weight, state)
+                self.scales = F.decode_absmax(state).contiguous()
+            state.scales = self.scales
+        return state
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out, in] in ``dtype`` (default: the dtype it was quantized from)."""

@@ -42,6 +42,9 @@ class QuantState:
     absmax: torch.Tensor  # fp32 [n_blocks], or uint8 [n_blocks] when nested is set
     code: torch.Tensor  # fp32 [16]
     nested: NestedState | None = None
+    # fp32 [n_blocks] decoded scales, a cache the owner may attach (never serialized): the CPU
+    # kernels take decoded scales, and decoding per call would cost more than the dequantize
+    scales: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
