@@ -216,7 +216,7 @@ def _check(t, name: str, dtype: torch.dtype, min_numel: int | None = None, ndim:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{name} must be on the CPU, got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")

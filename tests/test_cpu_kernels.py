@@ -122,6 +122,9 @@ def test_quantize_special_values(quant_type):
                 packed, absmax = cpu_kernels.quantize_4bit_cpu(xx, code, blocksize)
                 assert torch.equal(packed, packed_ref), (name, blocksize, n)
                 assert torch.equal(absmax, state.absmax), (name, blocksize, n)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):  # fp16 overflows / underflows
+                    got = cpu_kernels.dequantize_4bit_cpu(packed, absmax, code, blocksize, n, dtype)
+                    assert torch.equal(got, ref.dequantize_4bit(packed, state, dtype)), (name, blocksize, n, dtype)
                 if bnbF is not None:
                     bp, bs = bnbF.quantize_4bit(xx, blocksize=blocksize, quant_type=quant_type,
                                                 compress_statistics=False)
