@@ -64,7 +64,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
     eos = torch.tensor(sorted(set(eos_token_ids)) or [-1], device=device)
-    logits = model(ids, positions, mask_for(L, L), cache)[:, -1]  # (B, V)
+    # prefill: the head only on the last position (the rest of the logits are never used)
+    logits = model.lm_head(model.model(ids, positions, mask_for(L, L), cache)[:, -1])  # (B, V)
     pos = positions[:, -1:]  # (B, 1)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)

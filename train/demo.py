@@ -20,14 +20,15 @@ DEMO_CONFIG = {
     "model": {"quant": "nf4", "compute_dtype": "float32"},
     "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
     "data": {"max_len": 256, "format": "messages", "pack": True, "mask_prompt": True},
-    "train": {"seed": 0, "lr": 1e-3, "max_steps": 60, "batch_size": 4, "grad_accum": 1,
+    "train": {"seed": 0, "lr": 1e-3, "max_steps": 70, "batch_size": 6, "grad_accum": 1,
               "warmup_steps": 5, "schedule": "cosine", "clip": 1.0, "log_every": 1,
               "save_every": 20},
     "eval": {"metrics": ["loss", "json", "exact"], "baselines": ["base", "prompted"], "shots": 3,
-             "max_new_tokens": 80, "require_lift": 0.0, "batch_size": 16},
+             "max_new_tokens": 72, "require_lift": 0.2, "batch_size": 20},
 }
-QUICK = {"train": {"max_steps": 4, "save_every": 0}, "eval": {"max_items": 4, "max_new_tokens": 24}}
-N_TRAIN, N_EVAL = 2000, 100
+QUICK = {"train": {"max_steps": 4, "save_every": 0},
+         "eval": {"max_items": 4, "max_new_tokens": 24, "require_lift": -1.0}}
+N_TRAIN, N_EVAL = 2000, 60
 
 
 def _toml(conf: dict) -> str:
