@@ -113,6 +113,11 @@ class AdapterConfig:
                 ok = isinstance(v, int) if key == "rank_pattern" else isinstance(v, (int, float))
                 if not ok or isinstance(v, bool) or v <= 0:
                     raise UsageError(f"adapter.{key}.{k}", f"must be a positive number, got {v!r}")
+        if isinstance(self.exclude, str):
+            _compile(self.exclude, "adapter.exclude")
+        elif self.exclude is not None and not (isinstance(self.exclude, (list, tuple))
+                                               and all(isinstance(e, str) for e in self.exclude)):
+            raise UsageError("adapter.exclude", f"must be a regex or a list of module names, got {self.exclude!r}")
         if self.layers is not None:
             layers = [self.layers] if isinstance(self.layers, int) else self.layers
             if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in layers):
@@ -462,6 +467,8 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelError(str(cfg_path), f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelError(str(cfg_path), "not valid JSON (nested too deeply)") from None
     f = SafetensorsFile(w_path)
     cfg = config_from_peft(raw, str(cfg_path), f.metadata.get("leantune_kind"))
     if name in _configs(model):

@@ -10,6 +10,7 @@ straight into their destination (one copy, no mmap pages left resident).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -49,11 +50,15 @@ class SafetensorsFile:
             raise ModelError(where, f"cannot read ({e.strerror})") from None
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # bad UTF-8, bad JSON, a number of more than 4300 digits
             raise ModelError(where, f"corrupt safetensors header ({e})") from None
+        except RecursionError:  # "[[[[..." : json's decoder recurses once per level
+            raise ModelError(where, "corrupt safetensors header (nested too deeply)") from None
         if not isinstance(header, dict):
             raise ModelError(where, "corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise ModelError(where, "corrupt safetensors header (__metadata__ is not a table of strings)")
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries: dict[str, tuple[torch.dtype, tuple, int, int]] = {}
@@ -104,8 +109,9 @@ class SafetensorsFile:
         return out
 
 
-def write_safetensors(tensors: dict, path, metadata: dict | None = None):
-    """Write ``tensors`` atomically: to a temp file in the same folder, fsync, rename."""
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> str:
+    """Write ``tensors`` atomically: to a temp file in the same folder, fsync, rename.
+    Returns the sha256 (hex) of the file's bytes, computed while writing."""
     path = Path(path)
     header, offset = {}, 0
     items = []
@@ -122,14 +128,18 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data start to 8 bytes
+    digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+            for chunk in (struct.pack("<Q", len(raw)), raw):
+                digest.update(chunk)
+                f.write(chunk)
             for t in items:
                 if t.numel():
-                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                    view = memoryview(t.view(-1).view(torch.uint8).numpy())
+                    digest.update(view)
+                    f.write(view)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
@@ -138,6 +148,7 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return digest.hexdigest()
 
 
 def read_safetensors(path, dtype=None) -> dict:

@@ -8,6 +8,7 @@ contract's exit status (2 usage/config, 3 data, 4 model/checkpoint/adapter, 5 ga
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,9 +30,10 @@ def _is_tty(stream) -> bool:
 
 # -- sub-commands -------------------------------------------------------------------------
 def cmd_import_gguf(args):
+    from peft_core.checkpoint import resolve_dtype
     from peft_core.gguf_import import import_gguf
 
-    out = import_gguf(args.file, args.out_dir, dtype=args.dtype)
+    out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype))
     print(f"wrote {out}")
 
 
@@ -71,6 +73,9 @@ def cmd_generate(args):
         ids = tok.encode(text)
     else:
         ids = tok.encode(args.prompt, add_special_tokens=True)
+    if not ids:
+        raise UsageError("--chat" if args.chat is not None else "--prompt",
+                         "the prompt is empty after tokenization (and the chat template)")
     stream = _is_tty(sys.stdout)
     decoder = StreamDecoder(tok, skip_special_tokens=True)
 
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
     except LeantuneError as e:
         if debug:
             raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -230,14 +235,23 @@ def main(argv=None) -> int:
         if debug:
             raise
         where = getattr(e, "filename", None) or type(e).__name__
-        print(f"{PROG}: error: {where}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        _error(f"{where}: {getattr(e, 'strerror', None) or e}")
         return 1
     except Exception as e:  # anything else: one line, the traceback under --debug
         if debug:
             raise
-        print(f"{PROG}: error: internal: {type(e).__name__}: {e} (rerun with --debug for "
-              "the traceback)", file=sys.stderr)
+        _error(f"internal: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         return 1
+
+
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _error(message: str):
+    """The one line ``leantune: error: ...``; line breaks inside the message (a key or a file
+    name that holds one) are written escaped, as ``\\n``."""
+    message = _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
 
 
 def entry():

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from peft_core.checkpoint import load_model, write_json
-from peft_core.errors import LeantuneError, UsageError
+from peft_core.errors import LeantuneError, ModelError, UsageError
 from peft_core.model import make_attn_mask
-from peft_core.safetensors_io import read_safetensors, write_safetensors
+from peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
 
 from .chunked_ce import causal_lm_targets, chunked_cross_entropy
 from .config import Config
@@ -194,54 +194,141 @@ def load_optimizer_tensors(opt, params: dict, tensors: dict):
         opt.state[params[name]] = st
 
 
-def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: dict, cfg: Config):
-    """checkpoints/step-N/ written to a temp folder, fsynced, then renamed into place."""
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def remove_stale_temps(run_dir: Path):
+    """Delete what a killed run left half-written: ``checkpoints/.tmp-*`` folders and the
+    ``.tmp-*`` files of the atomic writers in the output folder, ``adapter/`` and ``model/``.
+    None of them is ever read (complete files are renamed into place)."""
     ckpts = run_dir / "checkpoints"
-    ckpts.mkdir(exist_ok=True)
+    if ckpts.is_dir():
+        for d in ckpts.iterdir():
+            if d.name.startswith(".tmp-"):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+    for folder in (run_dir, run_dir / "adapter", run_dir / "model"):
+        if folder.is_dir():
+            for f in folder.glob(".tmp-*"):
+                if f.is_file():
+                    f.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: dict, cfg: Config):
+    """checkpoints/step-N/ written to a temp folder, fsynced, then renamed into place.
+
+    state.json is written last and records the sha256 of every tensor file, so a checkpoint
+    damaged later (a bit flip, a truncation) is recognised on resume. An OSError (a full
+    disk) removes the temp folder and raises TrainingAborted naming the newest checkpoint
+    that is still intact."""
+    ckpts = run_dir / "checkpoints"
     final = ckpts / f"step-{step}"
     tmp = ckpts / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_safetensors({n: p.detach() for n, p in params.items()}, tmp / "trainable.safetensors")
-    names = {p: n for n, p in params.items()}
-    write_safetensors(optimizer_tensors(opt, names), tmp / "optimizer.safetensors")
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state()
-    write_safetensors(rng, tmp / "rng.safetensors")
-    if cfg.adapter.kind != "none":
-        from peft_core.adapters import save_adapter
+    try:
+        ckpts.mkdir(exist_ok=True)
+        remove_stale_temps(run_dir)
+        tmp.mkdir()
+        names = {p: n for n, p in params.items()}
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        files = {
+            "trainable.safetensors": write_safetensors({n: p.detach() for n, p in params.items()},
+                                                       tmp / "trainable.safetensors"),
+            "optimizer.safetensors": write_safetensors(optimizer_tensors(opt, names),
+                                                       tmp / "optimizer.safetensors"),
+            "rng.safetensors": write_safetensors(rng, tmp / "rng.safetensors"),
+        }
+        if cfg.adapter.kind != "none":
+            from peft_core.adapters import save_adapter
 
-        save_adapter(model, tmp / "adapter", base_model_name_or_path=extra.get("base_model", ""))
-    write_json(tmp / "state.json", {"step": step, **extra})  # written last: marks complete
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fd = os.open(ckpts, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            save_adapter(model, tmp / "adapter", base_model_name_or_path=extra.get("base_model", ""))
+        write_json(tmp / "state.json", {"step": step, **extra, "files": files})  # last: marks complete
+        _fsync_dir(tmp)
+        old = ckpts / f".tmp-old-step-{step}-{os.getpid()}"
+        if final.exists():  # the same step saved again (after a resume): swap, then delete
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(ckpts)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = newest_checkpoint(run_dir)
+        kept = f"{prev.name} is intact" if prev is not None else "there is no earlier checkpoint"
+        raise TrainingAborted(str(final), f"cannot write the checkpoint ({e.strerror or e}); {kept}; "
+                                          "free space and continue with --resume") from e
     return final
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint (one with state.json) of the highest step, unverified."""
+    found = _complete_checkpoints(run_dir)
+    return found[0] if found else None
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-N`` folders holding a state.json, newest first."""
     ckpts = run_dir / "checkpoints"
     if not ckpts.is_dir():
-        return None
+        return []
     found = []
     for d in ckpts.iterdir():
-        if d.name.startswith("step-") and (d / "state.json").is_file():
+        n = d.name[5:]
+        if d.name.startswith("step-") and n.isascii() and n.isdigit() and (d / "state.json").is_file():
+            found.append((int(n), d))
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why ``ckpt`` cannot be resumed from (unreadable state.json, a missing, truncated or
+    altered tensor file), or None when it checks out."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return f"state.json is unreadable ({e})"
+    if not isinstance(state, dict):
+        return "state.json is not a JSON object"
+    step = state.get("step")
+    if type(step) is not int or step < 0 or f"step-{step}" != ckpt.name:
+        return f"state.json has step {step!r}, the folder is {ckpt.name}"
+    if type(state.get("skipped_steps", 0)) is not int:
+        return "state.json has a malformed skipped_steps"
+    hashes = state.get("files")
+    for name in CHECKPOINT_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if isinstance(hashes, dict):  # checkpoints of older versions carry no hashes
+            if hashes.get(name) != file_sha256(path):
+                return f"{name} does not match the sha256 recorded in state.json"
+        else:
             try:
-                found.append((int(d.name[5:]), d))
-            except ValueError:
-                continue
-    return max(found)[1] if found else None
+                SafetensorsFile(path)
+            except LeantuneError as e:
+                return e.what
+    return None
+
+
+def resume_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that checks out; damaged newer ones are named and skipped.
+    None when there is no complete checkpoint; ModelError when every one is damaged."""
+    found = _complete_checkpoints(run_dir)
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log(f"resume: skipping {ckpt} ({problem})")
+    if found:
+        raise ModelError(str(found[0]), f"no usable checkpoint to resume from: "
+                                        f"{checkpoint_problem(found[0])}")
+    return None
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -337,9 +424,10 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
     start, skipped, nan_streak = 0, 0, 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        ckpt = newest_checkpoint(run_dir)
+        ckpt = resume_checkpoint(run_dir, log)
         if ckpt is None:
             log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting fresh")
+            metrics_path.unlink(missing_ok=True)  # rows of the lost steps would repeat
         else:
             state = json.loads((ckpt / "state.json").read_text())
             if state.get("base_model_sha256") not in (None, base_hash):
@@ -361,11 +449,12 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
             log(f"resume: continuing from {ckpt.name}")
             # keep the metrics of the steps the checkpoint covers, drop the rest
             if metrics_path.exists():
-                kept = [ln for ln in metrics_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= start]
+                kept = [ln for ln in metrics_path.read_text(errors="replace").splitlines()
+                        if (st := _metrics_step(ln)) is not None and st <= start]  # and half-written lines
                 metrics_path.write_text("".join(ln + "\n" for ln in kept))
     elif metrics_path.exists():
         metrics_path.unlink()
+    remove_stale_temps(run_dir)
     write_json(run_dir / "manifest.json", manifest)
 
     def ckpt_extra():
@@ -417,7 +506,8 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
             dt = time.time() - t_step
             if step % cfg.train.log_every == 0 or step == total:
                 last_loss = float(loss_total)
-                rec = {"step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+                rec = {"step": step, "loss": _finite_or_none(last_loss), "lr": lr,
+                       "grad_norm": _finite_or_none(float(grad_norm)),
                        "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in micro) / dt,
                        "supervised_tokens": n_tok, "skipped_steps": skipped,
                        "epoch": step * ga / len(plan),
@@ -440,18 +530,39 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
     if tty:
         sys.stderr.write("\n")
     if not interrupted:
-        if cfg.adapter.kind != "none":
-            from peft_core.adapters import save_adapter
+        # the checkpoint first: when the export below fails (a full disk), nothing trained is lost
+        final = save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
+        export = run_dir / ("adapter" if cfg.adapter.kind != "none" else "model")
+        try:
+            if cfg.adapter.kind != "none":
+                from peft_core.adapters import save_adapter
 
-            save_adapter(model, run_dir / "adapter", base_model_name_or_path=str(model_dir))
-        else:
-            from peft_core.checkpoint import save_model
+                save_adapter(model, export, base_model_name_or_path=str(model_dir))
+            else:
+                from peft_core.checkpoint import save_model
 
-            save_model(model, run_dir / "model", copy_tokenizer_from=model_dir)
-        save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
+                save_model(model, export, copy_tokenizer_from=model_dir)
+        except OSError as e:
+            raise TrainingAborted(str(export), f"cannot write ({e.strerror or e}); the trained state is "
+                                               f"in {final}: free space and rerun with --resume") from e
         manifest.update(final_step=step, skipped_steps=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(run_dir / "manifest.json", manifest)
     return TrainResult(run_dir, step, last_loss, skipped, interrupted)
+
+
+def _finite_or_none(x: float):
+    """metrics.jsonl stays strict JSON: a non-finite value is written as null."""
+    return x if math.isfinite(x) else None
+
+
+def _metrics_step(line: str):
+    """The step of one metrics.jsonl line; None for a blank or half-written one."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if type(step) is int else None
 
 
 def peak_memory_mb(device) -> float:
