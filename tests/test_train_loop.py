@@ -47,6 +47,7 @@ def write_config(tmp_path, name="run", **sections):
     }
     for sec, vals in sections.items():
         conf.setdefault(sec, {}).update(vals)
+    assert conf["train"]["grad_accum"] == 2
     lines = []
     for sec, vals in conf.items():
         lines.append(f"[{sec}]")
@@ -83,10 +84,14 @@ def test_full_finetune_writes_outputs_and_learns(tmp_path):
     assert res.steps == 12 and newest_checkpoint(out).name == "step-12"
 
 
-def test_resume_after_sigint_is_bit_exact(tmp_path):
-    full = load_config(write_config(tmp_path, "full"))
+QLORA = {"model": {"quant": "nf4"}, "adapter": {"kind": "lora", "r": 4, "alpha": 8}}
+
+
+@pytest.mark.parametrize("setup", [{}, QLORA], ids=["full-finetune", "qlora"])
+def test_resume_after_sigint_is_bit_exact(tmp_path, setup):
+    full = load_config(write_config(tmp_path, "full", **setup))
     train(full, log=lambda m: None)
-    part = load_config(write_config(tmp_path, "part"))
+    part = load_config(write_config(tmp_path, "part", **setup))
 
     def stop_at_3(step):
         if step == 3:
@@ -102,9 +107,10 @@ def test_resume_after_sigint_is_bit_exact(tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    full = load_config(write_config(tmp_path, "full", train={"max_steps": 60, "save_every": 1}))
+    """QLoRA with gradient accumulation (grad_accum = 2), killed at a random moment."""
+    full = load_config(write_config(tmp_path, "full", train={"max_steps": 60, "save_every": 1}, **QLORA))
     train(full, log=lambda m: None)
-    cfg_path = write_config(tmp_path, "killed", train={"max_steps": 60, "save_every": 1})
+    cfg_path = write_config(tmp_path, "killed", train={"max_steps": 60, "save_every": 1}, **QLORA)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rng = random.Random(1234)
     proc = subprocess.Popen([sys.executable, "-m", "train", "train", str(cfg_path)], cwd=ROOT, env=env,
