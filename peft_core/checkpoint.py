@@ -37,10 +37,14 @@ def checkpoint_files(model_dir) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelError(str(index), f"malformed index ({e})") from None
-        files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise ModelError(str(index), f"malformed index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise ModelError(str(index), "malformed index (weight_map is not an object)")
+        files = sorted(set(map(str, weight_map.values())))
         for f in files:
+            if Path(f).name != f or f in ("", ".", ".."):
+                raise ModelError(str(index), f"shard name {f!r} must be a file in the model folder")
             if not (d / f).is_file():
                 raise ModelError(str(d / f), "shard listed in the index is missing")
         return [d / f for f in files]

@@ -149,8 +149,8 @@ class ModelConfig:
             raise ModelError(str(path), "no config.json (expected a Hugging Face model folder)")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(str(path), f"not valid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelError(str(path), f"not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict):
             raise ModelError(str(path), "expected a JSON object")
         return cls.from_hf_dict(d, where=str(path))

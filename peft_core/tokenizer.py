@@ -74,8 +74,8 @@ class Tokenizer:
             raise ModelError(str(tok_path), f"not a valid tokenizer.json ({e})") from None
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(str(cfg_path), f"not valid JSON ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ModelError(str(cfg_path), f"not valid JSON ({type(e).__name__})") from None
         if not isinstance(config, dict):
             raise ModelError(str(cfg_path), "expected a JSON object")
         template = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else None
@@ -168,6 +168,10 @@ class Tokenizer:
                 **{**self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise DataError(f"chat template of {self.where}", str(e)) from None
+        except (ArithmeticError, MemoryError, RecursionError, TypeError, ValueError) as e:
+            # the sandbox blocks attribute access, not work: a template that overflows or
+            # exhausts memory is the template's fault, reported as one line
+            raise DataError(f"chat template of {self.where}", f"{type(e).__name__}: {e}") from None
         return self.encode(text) if tokenize else text
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peft_core.checkpoint import checkpoint_files
 from peft_core.errors import ModelError, UsageError
 
 from . import functional as F
@@ -242,24 +243,6 @@ def quantization_config_dict(quant_type: str = "nf4", blocksize: int = 64, doubl
 # quantize_checkpoint: dense HF folder -> bitsandbytes 4-bit folder, streaming
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
-    single = model_dir / "model.safetensors"
-    index = model_dir / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(str(index), f"malformed index ({e})") from None
-        for name in files:
-            if not (model_dir / name).is_file():
-                raise ModelError(str(model_dir / name), "shard listed in the index is missing")
-        return [model_dir / name for name in files]
-    raise ModelError(str(model_dir), "no model.safetensors or model.safetensors.index.json")
-
-
 def _open(path: Path):
     from safetensors import safe_open
 
@@ -298,7 +281,7 @@ def quantize_checkpoint(model_dir, out_dir, quant_type: str = "nf4", blocksize: 
         raise ModelError(str(cfg_path), "not a JSON object")
     if config.get("quantization_config"):
         raise ModelError(str(cfg_path), "the model is already quantized (quantization_config is set)")
-    files = _weight_files(src)
+    files = checkpoint_files(src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(str(out), "output folder exists and is not empty")
     if out.resolve() == src.resolve():
