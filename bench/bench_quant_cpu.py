@@ -255,10 +255,12 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="", help="comma list of numel for dequant / quant")
     p.add_argument("--shapes", default="", help="semicolon list of M,K,N for linear")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--record", default=str(ROOT / "bench" / "records" / "bench_quant_cpu.jsonl"))
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
+    globals()["BLOCKSIZE"] = args.blocksize  # read by every bench_* function
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
