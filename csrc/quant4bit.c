@@ -583,7 +583,53 @@ lt_dot_codes(const float *x, int64_t ld_x, const uint8_t *packed, const float *a
 #endif
     int64_t block = i0 / blocksize;
     int64_t block_end = (block + 1) * blocksize - i0; /* relative to i0 */
-    for (int64_t t = 0; t < n; block++, block_end += blocksize) {
+    int64_t t0 = 0;
+#if LT_AVX2
+    if (blocksize % 32 == 0 && i0 % blocksize == 0) { /* whole blocks first: the tight loop */
+        const uint8_t *p = packed + i0 / 2;
+        const int64_t n_blocks = n / blocksize;
+#if LT_AVX512
+        const __m512 code_v = _mm512_loadu_ps(code);
+#else
+        const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+#endif
+        for (int64_t b = 0; b < n_blocks; b++) {
+#if LT_AVX512
+            const __m512 table = _mm512_mul_ps(code_v, _mm512_set1_ps(absmax[block + b]));
+#else
+            const __m256 vscale = _mm256_set1_ps(absmax[block + b]);
+            const __m256 table_lo = _mm256_mul_ps(code_lo, vscale), table_hi = _mm256_mul_ps(code_hi, vscale);
+#endif
+            for (int64_t j = 0; j < blocksize; j += 32, t0 += 32, p += 16) {
+                __m128i nib_a, nib_b;
+                lt_unpack32(p, &nib_a, &nib_b);
+#if LT_AVX512
+                const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table);
+                const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table);
+                for (int r = 0; r < MR; r++) {
+                    acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ld_x + t0), w0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ld_x + t0 + 16), w1, acc[r][1]);
+                }
+#else
+                const __m256 w0 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi);
+                const __m256 w1 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi);
+                const __m256 w2 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi);
+                const __m256 w3 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi);
+                for (int r = 0; r < MR; r++) {
+                    const float *xr = x + r * ld_x + t0;
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[r][1]);
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, acc[r][1]);
+                }
+#endif
+            }
+        }
+        block += n_blocks;
+        block_end += n_blocks * blocksize;
+    }
+#endif
+    for (int64_t t = t0; t < n; block++, block_end += blocksize) {
         const int64_t end = block_end < n ? block_end : n;
         const float scale = absmax[block];
         if (((i0 + t) & 1) && t < end) { /* odd start: the low nibble of its byte */
