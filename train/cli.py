@@ -144,6 +144,16 @@ def cmd_demo(args):
     run_demo(out=args.out, quick=args.quick, log=_log)
 
 
+def _bench_module():
+    """``bench/`` lives beside the packages in the source tree (not an installed package)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+    import bench.e2e
+
+    return bench.e2e
+
+
 def _log(msg):
     print(msg, flush=True)
 
@@ -206,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     from train.curation import add_data_parser
 
     add_data_parser(sub)
+    _bench_module().add_bench_parser(sub)
 
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
     s.add_argument("--out", default="runs/demo")
