@@ -20,7 +20,7 @@ DEMO_CONFIG = {
     "model": {"quant": "nf4", "compute_dtype": "float32"},
     "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
     "data": {"max_len": 256, "format": "messages", "pack": True, "mask_prompt": True},
-    "train": {"seed": 0, "lr": 1e-3, "max_steps": 70, "batch_size": 6, "grad_accum": 1,
+    "train": {"seed": 0, "lr": 1e-3, "max_steps": 50, "batch_size": 6, "grad_accum": 1,
               "warmup_steps": 5, "schedule": "cosine", "clip": 1.0, "log_every": 1,
               "save_every": 20},
     "eval": {"metrics": ["loss", "json", "exact"], "baselines": ["base", "prompted"], "shots": 3,
