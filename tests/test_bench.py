@@ -78,7 +78,7 @@ def test_harness_end_to_end(tiny_dir, tmp_path, capsys):
     lt = rows["leantune"]
     assert "errors" not in lt, lt.get("errors")
     assert lt["n"] == 2 and lt["q20_s"] <= lt["median_s"] <= lt["q80_s"]
-    assert lt["rss_peak_bytes"] > lt["rss_baseline_bytes"] > 0
+    assert lt["rss_peak_bytes"] >= lt["rss_baseline_bytes"] > 0  # a tiny model may not raise the peak
     assert lt["n_trainable"] == e2e.step_cost(json.loads((tiny_dir / "config.json").read_text()),
                                               2, 16, 4)["params_lora"]
     assert lt["achieved_TFLOPs"] > 0 and 0 < lt["frac_matmul"]
