@@ -91,30 +91,52 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", quant: str | None =
 
         return load_quantized(cfg, files, dtype=dtype, device=device, quant=quant,
                               options=quant_options or {})
+    model, expected = meta_model(cfg)
+    seen = set()
+    for path in files:
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            if not skipped_tensor(name, cfg):
+                load_tensor(model, f, name, expected, dtype, device, requires_grad=True)
+                seen.add(name)
+    return finish_loading(model, expected, seen, model_dir)
+
+
+# -- shared with quant/loading.py (the 4-bit loader) -----------------------------------------
+def meta_model(cfg: ModelConfig):
+    """The model on the meta device (no memory) and the tensors a checkpoint must provide."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     expected = dict(model.state_dict(keep_vars=True))
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    seen = set()
-    for path in files:
-        f = SafetensorsFile(path)
-        for name in f.keys():
-            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                continue
-            if name not in expected:
-                raise ModelError(str(path), f"unexpected tensor {name!r} for a {cfg.model_type} model")
-            want = tuple(expected[name].shape)
-            if tuple(f.shape(name)) != want:
-                raise ModelError(str(path), f"tensor {name!r} has shape {list(f.shape(name))}, "
-                                            f"the config implies {list(want)}")
-            t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
-            _set_tensor(model, name, t.to(device), requires_grad=True)
-            seen.add(name)
+    return model, expected
+
+
+def skipped_tensor(name: str, cfg: ModelConfig) -> bool:
+    """Checkpoint tensors that are not loaded: RoPE tables, the head of a tied model."""
+    return name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings)
+
+
+def check_shape(path, name: str, got, expected: dict):
+    want = tuple(expected[name].shape)
+    if tuple(got) != want:
+        raise ModelError(str(path), f"tensor {name!r} has shape {list(got)}, the config implies {list(want)}")
+
+
+def load_tensor(model, f: SafetensorsFile, name: str, expected: dict, dtype, device, requires_grad: bool):
+    """Check ``name`` against the model, read it (floats in ``dtype``) and put it in place."""
+    if name not in expected:
+        raise ModelError(str(f.path), f"unexpected tensor {name!r} for a {model.config.model_type} model")
+    check_shape(f.path, name, f.shape(name), expected)
+    t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
+    _set_tensor(model, name, t.to(device), requires_grad=requires_grad)
+
+
+def finish_loading(model, expected: dict, seen: set, where):
     missing = [k for k in expected if k not in seen]
     if missing:
-        raise ModelError(str(Path(model_dir)), f"checkpoint lacks tensor {missing[0]!r}"
-                                               f" ({len(missing)} missing)")
+        raise ModelError(str(where), f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing)")
     model.tie_weights()
     model.init_non_persistent()
     return model

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from peft_core.checkpoint import IGNORED_SUFFIXES, _set_tensor
+from peft_core.checkpoint import check_shape, finish_loading, load_tensor, meta_model, skipped_tensor
 from peft_core.errors import ModelError
 from peft_core.model import LlamaForCausalLM
 from peft_core.safetensors_io import SafetensorsFile
@@ -46,18 +46,14 @@ def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, op
     double_quant = bool(options.get("double_quant", True))
     F.check_blocksize(blocksize)
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+    model, expected = meta_model(cfg)
     linears = {name for name, _ in model.named_modules() if QUANTIZED_LINEAR.match(name)}
-    expected = dict(model.state_dict(keep_vars=True))
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
     seen = set()
     for path in files:
         f = SafetensorsFile(path)
         keys = f.keys()
         for name in keys:
-            if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            if skipped_tensor(name, cfg):
                 continue
             module_name = name.rsplit(".weight", 1)[0] if ".weight" in name else None
             if module_name in linears:
@@ -68,16 +64,11 @@ def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, op
                 if prequantized:
                     group = {k: f.read(k) for k in keys if k.startswith(name)}
                     packed, state = state_from_tensors(module_name, group)
-                    want = tuple(expected[name].shape)
-                    if tuple(state.shape) != want:
-                        raise ModelError(str(path), f"tensor {name!r} has shape {list(state.shape)}, "
-                                                    f"the config implies {list(want)}")
+                    check_shape(path, name, state.shape, expected)
                     layer = Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=dtype)
                 else:
+                    check_shape(path, name, f.shape(name), expected)
                     w = f.read(name, dtype)
-                    if tuple(w.shape) != tuple(expected[name].shape):
-                        raise ModelError(str(path), f"tensor {name!r} has shape {list(w.shape)}, the "
-                                                    f"config implies {list(expected[name].shape)}")
                     try:
                         packed, state = F.quantize_4bit(w.to(device), blocksize=blocksize, quant_type=quant,
                                                         double_quant=double_quant)
@@ -94,17 +85,6 @@ def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, op
                 continue
             if name in seen:
                 continue
-            if name not in expected:
-                raise ModelError(str(path), f"unexpected tensor {name!r} for a {cfg.model_type} model")
-            if tuple(f.shape(name)) != tuple(expected[name].shape):
-                raise ModelError(str(path), f"tensor {name!r} has shape {list(f.shape(name))}, the "
-                                            f"config implies {list(expected[name].shape)}")
-            t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
-            _set_tensor(model, name, t.to(device), requires_grad=False)
+            load_tensor(model, f, name, expected, dtype, device, requires_grad=False)
             seen.add(name)
-    missing = [k for k in expected if k not in seen]
-    if missing:
-        raise ModelError(str(files[0].parent), f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing)")
-    model.tie_weights()
-    model.init_non_persistent()
-    return model
+    return finish_loading(model, expected, seen, files[0].parent)
