@@ -218,6 +218,16 @@ def test_matmul_rejects_bad_input():
         matmul_4bit_triton(make_x((2, 64), torch.float32).to(torch.int32), packed, state)
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "bwd"])
+def test_matmul_unfused_path_equals_reference(transpose):
+    """fused=False (the large-M path: Triton dequantize, then torch.matmul) equals the spec."""
+    packed, state = make_weight((48, 96), 64, "nf4", True)
+    x = make_x((5, 48 if transpose else 96), torch.float32)
+    ref, _ = _reference_matmul(x, packed, state, transpose)
+    y = matmul_4bit_triton(x, packed, state, transpose=transpose, fused=False)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_matmul_empty_batch():
     packed, state = make_weight((32, 64), 64, "nf4", True)
     y = matmul_4bit_triton(make_x((0, 64), torch.float32), packed, state)
@@ -246,14 +256,15 @@ def _rel_err(y, ref):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fused", [True, False, None], ids=["fused", "unfused", "auto"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("M,N,K,blocksize", [
     (512, 4096, 4096, 64), (333, 11008, 4096, 64), (1024, 4096, 14336, 64),
-    (257, 1000, 2000, 128)], ids=str)
-def test_gpu_matmul_bf16(M, N, K, blocksize, transpose):
+    (257, 1000, 2000, 128), (2048, 4096, 4096, 64), (130, 1000, 1001, 64)], ids=str)
+def test_gpu_matmul_bf16(M, N, K, blocksize, transpose, fused):
     packed, state = make_weight((N, K), blocksize, "nf4", True)
     x = make_x((M, N if transpose else K), torch.bfloat16)
-    y = matmul_4bit_triton(x, packed, state, transpose=transpose)
+    y = matmul_4bit_triton(x, packed, state, transpose=transpose, fused=fused)
     ref32, eager = _reference_matmul(x, packed, state, transpose)
     assert y.dtype == torch.bfloat16
     assert _rel_err(y, ref32) <= 1e-2
@@ -263,13 +274,14 @@ def test_gpu_matmul_bf16(M, N, K, blocksize, transpose):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("fused", [True, None], ids=["fused", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("M", [1, 2, 7, 16])
 @pytest.mark.parametrize("N,K", [(14336, 4096), (4096, 14336), (1000, 341)], ids=str)
-def test_gpu_matmul_small_m(M, N, K, dtype):
+def test_gpu_matmul_small_m(M, N, K, dtype, fused):
     packed, state = make_weight((N, K), 64, "nf4", True)
     x = make_x((M, K), dtype)
-    y = matmul_4bit_triton(x, packed, state)
+    y = matmul_4bit_triton(x, packed, state, fused=fused)
     ref32, eager = _reference_matmul(x, packed, state, False)
     assert _rel_err(y, ref32) <= 1e-2
     err = (y.float() - ref32).abs().max().item()
