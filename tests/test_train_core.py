@@ -29,6 +29,23 @@ def test_chunked_ce_equals_full_loss_and_grads(n, chunk, dtype, tol):
     torch.testing.assert_close(cross_entropy_reference(h, w, y).double(), want.double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_chunked_ce_half_precision_matches_upcast_logits(dtype):
+    """Half inputs: head products in that dtype, logits upcast to fp32 (what transformers does)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(45, 32, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(70, 32, generator=g) * 0.3).to(dtype).requires_grad_()
+    y = torch.randint(0, 70, (45,), generator=g)
+    got = chunked_cross_entropy(h, w, y, 16)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    want = F.cross_entropy((h @ w.T).float(), y, reduction="sum")
+    wh, ww = torch.autograd.grad(want, (h, w))
+    assert got.dtype == torch.float32 and gh.dtype == dtype and gw.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gh.float(), wh.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gw.float(), ww.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_chunked_ce_frozen_head_and_empty():
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8)

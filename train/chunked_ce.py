@@ -7,10 +7,16 @@ at once, and it only ever sees the supervised tokens (masked prompt tokens cost 
 
 Math, for hidden states H (N, C), head weight W (V, C), targets y (N,):
 
-    Z = H W^T                       (N, V) logits, in fp32
+    Z = H W^T                       (N, V) logits, fp32 (see below)
     loss = sum_i [ logsumexp(Z_i) - Z_i[y_i] ]
     dZ = g * (softmax(Z) - onehot(y))
     dH = dZ W            dW = dZ^T H
+
+Precision: the products run in H's dtype (fp16/bf16 on tensor cores, as transformers computes
+its head before upcasting the logits) and everything per-logit (logsumexp, softmax, dZ) in
+fp32; fp32 inputs stay fp32 throughout. Measured on an H100 (Llama-1B shape, 2048 tokens,
+vocab 128256): the fp32 head products took 63 of the step's 108 ms of GPU time; in bf16 they
+take a few ms.
 """
 from __future__ import annotations
 
@@ -25,18 +31,24 @@ def cross_entropy_reference(hidden, weight, targets):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _matmul_dtype(dtype, acc):
+    """The dtype the head products run in: half precisions stay, anything else computes in acc."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else acc
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int):
         # hidden (N, C), weight (V, C), targets (N,) -> summed loss (fp32 scalar)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 input
+        mm = _matmul_dtype(hidden.dtype, acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        w32 = weight.to(acc)
+        w_mm = weight.to(mm)
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(acc)
+            h = hidden[s:s + chunk].to(mm)
             # Z = H W^T
-            z = h @ w32.T  # (n, V)
+            z = (h @ w_mm.T).to(acc)  # (n, V)
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, targets[s:s + chunk, None]).squeeze(1)
             total += (lse[s:s + chunk] - picked).sum()
@@ -48,20 +60,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w32 = weight.to(lse.dtype)
+        mm = _matmul_dtype(hidden.dtype, lse.dtype)
+        w_mm = weight.to(mm)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros_like(w32) if need_w else None
+        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk].to(lse.dtype)
-            z = h @ w32.T  # recomputed (n, V)
+            h = hidden[s:s + ctx.chunk].to(mm)
+            z = (h @ w_mm.T).to(lse.dtype)  # recomputed (n, V)
             # dZ = g * (softmax(Z) - onehot(y)); softmax from the saved logsumexp
             dz = torch.exp(z - lse[s:s + ctx.chunk, None])
             dz[torch.arange(dz.shape[0], device=dz.device), targets[s:s + ctx.chunk]] -= 1.0
             dz *= grad
+            dz = dz.to(mm)
             if need_h:
-                dh[s:s + ctx.chunk] = (dz @ w32).to(hidden.dtype)  # dH = dZ W
+                dh[s:s + ctx.chunk] = (dz @ w_mm).to(hidden.dtype)  # dH = dZ W
             if need_w:
-                dw.addmm_(dz.T, h)  # dW += dZ^T H
+                if mm == dw.dtype:
+                    dw.addmm_(dz.T, h)  # dW += dZ^T H
+                else:
+                    dw += dz.T @ h  # half-precision product, fp32 running sum
         return dh, (dw.to(weight.dtype) if need_w else None), None, None
 
 
