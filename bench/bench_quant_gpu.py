@@ -4,9 +4,11 @@ Providers compared in one run, median with 20/80 quantiles (``triton.testing.do_
 
 1. dequantize (NF4, double quant, bf16 out): GB/s against the device's measured copy
    bandwidth (``dst.copy_(src)``). Target: >= 85 %.
-2. fused dequant-matmul, M = 4096, N = K = 4096, bf16, forward and transposed: against dense
-   ``torch.matmul`` on the bf16 weight (target: within 1.15x) and, when bitsandbytes is
-   importable, its dequantize + matmul.
+2. 4-bit matmul, M = 4096, N = K = 4096, bf16, forward and transposed: the fused kernel and
+   leantune's dispatch (at this M: Triton dequantize + cuBLAS) against dense ``torch.matmul``
+   on the bf16 weight (target: within 1.15x) and, when bitsandbytes is importable, its
+   dequantize + matmul. A crossover sweep over M times the fused kernel against dequantize +
+   cuBLAS, which sets ``quant.triton_matmul.FUSED_MAX_M``.
 3. decoding, M = 1, (N, K) = (14336, 4096) and (4096, 14336): against the dense bf16 GEMV
    (target: >= 2.5x faster) and bitsandbytes' ``matmul_4bit`` (its GEMV path).
 
@@ -95,7 +97,8 @@ class Recorder:
         return row
 
 
-def bench_dequant(rec: Recorder, shapes, copy_gbps: float) -> None:
+def bench_dequant(rec: Recorder, shapes, copy_gbps: float, sweep: bool = True) -> None:
+    from quant import triton_dequant
     from quant.triton_dequant import dequantize_4bit_triton
 
     for n, k in shapes:
@@ -107,7 +110,15 @@ def bench_dequant(rec: Recorder, shapes, copy_gbps: float) -> None:
         t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=torch.bfloat16))
         gbps = moved / (t[0] * 1e-3) / 1e9
         rec.add("dequantize", "triton", (n, k), t, gbps=gbps, frac_of_copy=gbps / copy_gbps,
-                target=0.85, met=gbps / copy_gbps >= 0.85)
+                target=0.85, met=gbps / copy_gbps >= 0.85,
+                block_bytes=triton_dequant.BLOCK_BYTES, num_warps=triton_dequant.NUM_WARPS)
+        for bb in ((1024, 2048, 4096, 8192) if sweep else ()):
+            for nw in (4, 8):
+                t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=torch.bfloat16,
+                                                          block_bytes=bb, num_warps=nw))
+                gbps = moved / (t[0] * 1e-3) / 1e9
+                rec.add("dequant_sweep", f"triton {bb}B/{nw}w", (n, k), t, gbps=gbps,
+                        frac_of_copy=gbps / copy_gbps)
         bnbf = _bnb()
         if bnbf is not None:
             p_bnb, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -140,17 +151,22 @@ def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None
     t_dense = _bench(dense)
     rec.add(name, "torch dense bf16", (m, n, k), t_dense, tflops=flops / (t_dense[0] * 1e-3) / 1e12)
 
-    fused = lambda: matmul_4bit_triton(x, packed, state, transpose=transpose)  # noqa: E731
-    t = _bench(fused)
     w_deq = F.dequantize_4bit(packed, state, torch.float32)
     ref = x.float() @ (w_deq if transpose else w_deq.T)
-    rel_err = ((fused().float() - ref).abs().max() / ref.abs().max()).item()
-    derived = dict(tflops=flops / (t[0] * 1e-3) / 1e12, rel_err=rel_err)
-    if m == 1:
-        derived.update(speedup_vs_dense=t_dense[0] / t[0], target=2.5, met=t_dense[0] / t[0] >= 2.5)
-    else:
-        derived.update(slowdown_vs_dense=t[0] / t_dense[0], target=1.15, met=t[0] / t_dense[0] <= 1.15)
-    rec.add(name, "triton fused 4-bit", (m, n, k), t, **derived)
+    variants = [("triton fused 4-bit", True)] + ([("leantune dispatch", None)] if m > 1 else [])
+    t = None
+    for provider, fused_flag in variants:
+        fn = lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=fused_flag)  # noqa: E731
+        t_v = _bench(fn)
+        rel_err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+        derived = dict(tflops=flops / (t_v[0] * 1e-3) / 1e12, rel_err=rel_err)
+        if m == 1:
+            derived.update(speedup_vs_dense=t_dense[0] / t_v[0], target=2.5, met=t_dense[0] / t_v[0] >= 2.5)
+        else:
+            derived.update(slowdown_vs_dense=t_v[0] / t_dense[0], target=1.15,
+                           met=t_v[0] / t_dense[0] <= 1.15)
+        rec.add(name, provider, (m, n, k), t_v, **derived)
+        t = t_v if t is None or t_v[0] < t[0] else t
 
     bnbf = _bnb()
     if bnbf is not None:
@@ -165,7 +181,24 @@ def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None
             fn = lambda: x @ bnbf.dequantize_4bit(p_bnb, qs).T  # noqa: E731
         t_bnb = _bench(fn)
         rec.add(name, "bitsandbytes", (m, n, k), t_bnb,
-                tflops=flops / (t_bnb[0] * 1e-3) / 1e12, triton_speedup=t_bnb[0] / t[0])
+                tflops=flops / (t_bnb[0] * 1e-3) / 1e12, leantune_speedup=t_bnb[0] / t[0])
+
+
+def bench_crossover(rec: Recorder, ms, n: int = 4096, k: int = 4096) -> None:
+    """Fused kernel vs Triton dequantize + cuBLAS over M (forward and transposed), bf16."""
+    from quant.triton_matmul import matmul_4bit_triton
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = _quantize(w)
+    for transpose in (False, True):
+        for m in ms:
+            x = torch.randn(m, n if transpose else k, device="cuda", dtype=torch.bfloat16)
+            t_f = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True))
+            t_u = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=False))
+            t_d = _bench((lambda: x @ w) if transpose else (lambda: x @ w.T))
+            rec.add("crossover_bwd" if transpose else "crossover", "fused / unfused / dense",
+                    (m, n, k), t_f, unfused_ms=t_u[0], dense_ms=t_d[0], fused_over_unfused=t_f[0] / t_u[0],
+                    best_over_dense=min(t_f[0], t_u[0]) / t_d[0])
 
 
 def main(argv=None) -> int:
@@ -186,12 +219,15 @@ def main(argv=None) -> int:
     rec = Recorder(meta)
 
     copy_gbps = measure_copy_gbps(rec)
-    bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps)
+    bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps,
+                  sweep=not args.quick)
     bench_matmul(rec, 4096, 4096, 4096, transpose=False)
     if not args.quick:
         bench_matmul(rec, 4096, 4096, 4096, transpose=True)
     bench_matmul(rec, 1, 14336, 4096, transpose=False)
     bench_matmul(rec, 1, 4096, 14336, transpose=False)
+    if not args.quick:
+        bench_crossover(rec, [16, 64, 256, 512, 1024, 2048, 4096])
 
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

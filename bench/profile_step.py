@@ -1,0 +1,58 @@
+"""Profile one QLoRA training step (leantune or the peer) with ``torch.profiler``.
+
+Prints the top kernels/ops by self device time (or CPU time without CUDA) and the step's
+wall time against the summed device time (a large gap means launch-bound or synchronising).
+Uses the same setup as ``bench/e2e.py`` (random-weight Llama shapes, same batch and LoRA).
+
+    python -m bench.profile_step --random-shape 1b --seq 2048 [--provider leantune|peer] [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench import e2e
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--random-shape", default="1b", choices=list(e2e.SHAPES))
+    ap.add_argument("--provider", default="leantune", choices=["leantune", "peer"])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    model_dir = e2e.write_random_model(e2e._cache_dir() / "bench-models" /
+                                       f"llama-{args.random_shape}-random-seed0", args.random_shape)
+    spec = e2e.StepSpec(model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
+                        dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
+    e2e._import_provider(args.provider)
+    step, _ = (e2e._setup_leantune if args.provider == "leantune" else e2e._setup_peer)(spec)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    wall = time.perf_counter() - t0
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        sync()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"{args.provider} {args.random_shape} B={args.batch} T={args.seq} r={args.rank}: "
+          f"step {wall * 1e3:.1f} ms wall")
+    if cuda:
+        dev_us = sum(e.self_device_time_total for e in prof.key_averages())
+        print(f"summed self device time {dev_us / 1e3:.1f} ms")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
