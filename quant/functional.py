@@ -267,6 +267,13 @@ def quantize_4bit(
     q = order[torch.bucketize(scaled, bounds, out_int32=True)].to(torch.uint8)
     packed = (q[::2] << 4) | q[1::2]
 
+    return packed, make_quant_state(absmax, w, blocksize, quant_type, double_quant, nested_blocksize)
+
+
+def make_quant_state(absmax: torch.Tensor, w: torch.Tensor, blocksize: int, quant_type: str,
+                     double_quant: bool, nested_blocksize: int = 256) -> QuantState:
+    """The QuantState of ``w`` quantized with per-block ``absmax`` (fp32), the absmax itself
+    double-quantized when asked: minus its mean, 8-bit dynamic map, ``nested_blocksize`` blocks."""
     nested = None
     if double_quant:
         offset = absmax.mean()
@@ -276,11 +283,10 @@ def quantize_4bit(
             blocksize=nested_blocksize, offset=float(offset),
         )
         absmax = qabsmax
-    state = QuantState(
+    return QuantState(
         quant_type=quant_type, blocksize=blocksize, shape=tuple(w.shape), dtype=w.dtype,
-        absmax=absmax, code=code, nested=nested,
+        absmax=absmax, code=get_code(quant_type, w.device), nested=nested,
     )
-    return packed, state
 
 
 def decode_absmax(state: QuantState) -> torch.Tensor:

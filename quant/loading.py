@@ -19,6 +19,7 @@ from peft_core.errors import ModelError
 from peft_core.model import LlamaForCausalLM
 from peft_core.safetensors_io import SafetensorsFile
 
+from . import dispatch
 from . import functional as F
 from .modules import Linear4bit
 from .serialize import state_from_tensors
@@ -70,8 +71,8 @@ def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, op
                     check_shape(path, name, f.shape(name), expected)
                     w = f.read(name, dtype)
                     try:
-                        packed, state = F.quantize_4bit(w.to(device), blocksize=blocksize, quant_type=quant,
-                                                        double_quant=double_quant)
+                        packed, state = dispatch.quantize_4bit(w.to(device), blocksize=blocksize,
+                                                               quant_type=quant, double_quant=double_quant)
                     except ValueError as e:
                         raise ModelError(f"{path}: {name}", str(e)) from None
                     del w

@@ -341,3 +341,28 @@ def test_fallback_without_compiler(compiler, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("leantune: C kernels unavailable (")
     assert lines[0].endswith("; using the PyTorch reference")
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(5,), (33, 65), (64, 576), (7, 1000)], ids=str)
+@pytest.mark.parametrize("quant_type,double_quant,dtype", [
+    ("nf4", True, torch.float32), ("fp4", False, torch.float32), ("nf4", True, torch.bfloat16),
+    ("nf4", False, torch.float16)], ids=str)
+def test_dispatch_quantize_equals_reference(shape, quant_type, double_quant, dtype):
+    """quant.dispatch.quantize_4bit (the C codes + PyTorch double quant, used by the loader)
+    returns exactly the reference's packed codes and state."""
+    from quant import dispatch
+
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 0.1).to(dtype)
+    packed, state = dispatch.quantize_4bit(w, 64, quant_type, double_quant)
+    ref_packed, ref_state = ref.quantize_4bit(w, 64, quant_type, double_quant)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.code, ref_state.code)
+    assert (state.shape, state.dtype, state.quant_type) == (ref_state.shape, ref_state.dtype, ref_state.quant_type)
+    if double_quant:
+        assert torch.equal(state.nested.absmax, ref_state.nested.absmax)
+        assert state.nested.offset == ref_state.nested.offset
+    else:
+        assert state.nested is None and ref_state.nested is None
+    with pytest.raises(ValueError):
+        dispatch.quantize_4bit(torch.tensor([1.0, float("nan")]))
