@@ -91,7 +91,7 @@ class StepSpec:
     warmup: int = 1
     seed: int = 0
     threads: int = 0  # torch.set_num_threads in the worker; 0: torch's default
-    chunk: int = 1024  # leantune's chunked cross-entropy: tokens per chunk
+    chunk: int = 256  # leantune's chunked cross-entropy: tokens per chunk
     lr: float = 2e-4
 
     def key(self) -> tuple:
@@ -501,11 +501,11 @@ def step_cost(cfg: dict, batch: int, seq: int, rank: int, targets: str = "all-li
                           forward 2*2*B*S^2*H*d / 2, backward twice the forward   = 6*L*B*S^2*H*d
         norms, RoPE, SiLU, softmax, the optimizer: not counted (a few per cent).
 
-    Leantune's chunked cross-entropy recomputes the logits in the backward (+2*V*C*T' it
-    does but the count leaves out). Bytes (DRAM traffic, a lower-bound estimate):
+    Leantune's chunked cross-entropy forms dH in the forward, so it computes the logits once
+    like the peer. Bytes (DRAM traffic, a lower-bound estimate):
         4-bit base weights read twice (forward, backward): P * (0.5 + 1/64 + 4/(64*256)) each
         LM head read twice: 2*V*C*e (e = elem_bytes, the compute dtype's size)
-        logits written and read in the forward and again in the backward: 4*T'*V*4 (fp32)
+        logits written and read in the forward: 2*T'*V*4 (fp32) and again for dZ: 2*T'*V*4
         saved activations written once, read once: 2*e*T*L*(6C + 2*C_kv + 3I + r*n_adapted)
         LoRA weights (fp32) read forward and backward, gradient written, AdamW reads p, g,
         m, v and writes p, m, v: 10*4*P_lora_params
@@ -972,7 +972,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"vary one of {', '.join(SWEEP_AXES)} with the others at the base (repeatable)")
     p.add_argument("--providers", default="leantune,peer", help="comma-separated: leantune, peer")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
-    p.add_argument("--chunk", type=int, default=1024, help="leantune's cross-entropy chunk (tokens)")
+    p.add_argument("--chunk", type=int, default=256, help="leantune's cross-entropy chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--roofline", default="full", choices=["full", "quick", "off"],
                    help="measure copy bandwidth and matmul rate (quick: small sizes, for smoke tests)")

@@ -4,7 +4,7 @@
     Block:  h = x + Attention(RMSNorm(x));  out = h + MLP(RMSNorm(h))
     Attention: q, k, v projections, RoPE on q and k, grouped-query attention through
                scaled_dot_product_attention, o projection.
-    MLP (SwiGLU): down(silu(gate(x)) * up(x))
+    MLP (SwiGLU): down(silu(gate(x)) * up(x)), with an autograd Function that saves less
 
 Module names follow Hugging Face (``model.layers.0.self_attn.q_proj``) so checkpoints and
 PEFT adapters map one to one. Covers Llama 2/3/3.1 (llama3 RoPE scaling), Mistral (sliding
@@ -110,19 +110,44 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        if self.n_kv != self.n_head:  # grouped-query attention: share each kv head
+        # grouped-query attention: each kv head serves n_head // n_kv query heads. On CPU SDPA
+        # shares them itself (enable_gqa; the expanded copies would be saved for backward);
+        # elsewhere they are expanded so the fused GPU kernels accept them.
+        gqa = self.n_kv != self.n_head
+        if gqa and q.device.type != "cpu":
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            gqa = False
         if attn_mask is None:
             # causal; with a cache the T new queries see every cached key before them
             causal = T > 1
             if cache is not None and cache.length > 0 and T > 1:
                 raise ValueError("multi-token step with a filled cache needs an explicit attn_mask")
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, C)
         return self.o_proj(y)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u, saving only g and u: silu(g) is recomputed in the backward instead of
+    being kept (one (B, T, intermediate) tensor less per layer)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        g32 = g.to(torch.promote_types(g.dtype, torch.float32))  # half precisions in fp32
+        sig = torch.sigmoid(g32)
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dg = dy * u * (sig * (1 + g32 * (1 - sig))).to(g.dtype)
+        du = dy * (g32 * sig).to(g.dtype)
+        return dg, du
 
 
 class MLP(nn.Module):
@@ -133,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -173,3 +173,17 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
 def test_config_rejects_bad_gqa():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         tiny_config("llama", num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_swiglu_function_matches_autograd():
+    """The memory-saving SwiGLU Function: same value and gradients as silu(g) * u (float64)."""
+    from peft_core.model import SwiGLU
+
+    g = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+    dy = torch.randn(3, 5, 7, dtype=torch.float64)
+    want = torch.autograd.grad(torch.nn.functional.silu(g) * u, (g, u), dy)
+    got = torch.autograd.grad(SwiGLU.apply(g, u), (g, u), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -1,9 +1,10 @@
 """Chunked cross-entropy over the language-model head: one op, one file.
 
 Full-vocabulary fp32 logits for every token are the largest activation of a fine-tuning step
-(4 x 1024 tokens x 49152 vocab x 4 bytes = 800 MB). This op computes the loss chunk by chunk
-and recomputes each chunk's logits in the backward, so at most ``chunk x vocab`` logits exist
-at once, and it only ever sees the supervised tokens (masked prompt tokens cost nothing).
+(4 x 1024 tokens x 49152 vocab x 4 bytes = 800 MB). This op computes the loss chunk by chunk,
+forming each chunk's gradient while its logits exist, so at most ``chunk x vocab`` logits
+exist at once and they are computed once; it only ever sees the supervised tokens (masked
+prompt tokens cost nothing).
 
 Math, for hidden states H (N, C), head weight W (V, C), targets y (N,):
 
@@ -37,49 +38,54 @@ def _matmul_dtype(dtype, acc):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed loss, with dH (and dW) computed chunk by chunk during the forward.
+
+    The loss is linear in its upstream gradient g, so the gradients for g = 1 can be formed
+    while each chunk's logits are at hand and only scaled by g in the backward: the logits are
+    computed once instead of being recomputed (the Liger-Kernel idea), and the backward keeps
+    only dH (N, C) and dW instead of the inputs.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, need_h: bool, need_w: bool):
         # hidden (N, C), weight (V, C), targets (N,) -> summed loss (fp32 scalar)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 input
         mm = _matmul_dtype(hidden.dtype, acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        w_mm = weight.to(mm)
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(mm)
-            # Z = H W^T
-            z = (h @ w_mm.T).to(acc)  # (n, V)
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            picked = z.gather(1, targets[s:s + chunk, None]).squeeze(1)
-            total += (lse[s:s + chunk] - picked).sum()
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk = chunk
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        mm = _matmul_dtype(hidden.dtype, lse.dtype)
         w_mm = weight.to(mm)
         dh = torch.empty_like(hidden) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk].to(mm)
-            z = (h @ w_mm.T).to(lse.dtype)  # recomputed (n, V)
-            # dZ = g * (softmax(Z) - onehot(y)); softmax from the saved logsumexp
-            dz = torch.exp(z - lse[s:s + ctx.chunk, None])
-            dz[torch.arange(dz.shape[0], device=dz.device), targets[s:s + ctx.chunk]] -= 1.0
-            dz *= grad
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk].to(mm)
+            t = targets[s:s + chunk]
+            rows = torch.arange(h.shape[0], device=h.device)
+            # Z = H W^T
+            z = (h @ w_mm.T).to(acc)  # (n, V)
+            lse = torch.logsumexp(z, dim=-1)
+            total += (lse - z[rows, t]).sum()
+            if not (need_h or need_w):
+                continue
+            # dZ = softmax(Z) - onehot(y), in place over Z
+            dz = z.sub_(lse[:, None]).exp_()
+            dz[rows, t] -= 1.0
             dz = dz.to(mm)
             if need_h:
-                dh[s:s + ctx.chunk] = (dz @ w_mm).to(hidden.dtype)  # dH = dZ W
+                dh[s:s + chunk] = (dz @ w_mm).to(hidden.dtype)  # dH = dZ W
             if need_w:
                 if mm == dw.dtype:
                     dw.addmm_(dz.T, h)  # dW += dZ^T H
                 else:
                     dw += dz.T @ h  # half-precision product, fp32 running sum
-        return dh, (dw.to(weight.dtype) if need_w else None), None, None
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        grad_h = (dh * grad).to(dh.dtype) if dh is not None else None
+        grad_w = (dw * grad).to(ctx.weight_dtype) if dw is not None else None
+        return grad_h, grad_w, None, None, None, None
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk: int = 1024):
@@ -87,7 +93,9 @@ def chunked_cross_entropy(hidden, weight, targets, chunk: int = 1024):
     select the supervised rows first)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
+    grad = torch.is_grad_enabled()
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk,
+                                     grad and hidden.requires_grad, grad and weight.requires_grad)
 
 
 def causal_lm_targets(labels, doc_ids=None):

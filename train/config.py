@@ -66,7 +66,7 @@ class TrainSection:
     eval_every: int = 0
     log_every: int = 1
     optimizer: str = "adamw"  # "adamw" | "adamw8bit"
-    loss_chunk: int = 1024  # tokens per chunk of the chunked cross-entropy
+    loss_chunk: int = 256  # tokens per chunk of the chunked cross-entropy
     max_nan_steps: int = 5  # consecutive non-finite steps before aborting (with a checkpoint)
 
 
