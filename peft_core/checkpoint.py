@@ -20,8 +20,8 @@ from .errors import ModelError
 from .model import LlamaForCausalLM
 from .safetensors_io import SafetensorsFile, write_safetensors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 

@@ -9,6 +9,10 @@
   ``add_eos_token``, ``chat_template`` (a string, or a list of ``{"name", "template"}``),
 - ``chat_template.jinja`` beside them, which wins over the config's template when present.
 
+A folder with a sentencepiece ``tokenizer.model`` and no ``tokenizer.json`` gets a
+``SentencePieceTokenizer`` (``peft_core.tokenizer_adapters``) instead, with the same config
+and template files, both optional there.
+
 Chat templates render in jinja2's sandbox with the globals and filters transformers gives
 them (``raise_exception``, ``strftime_now``, a ``tojson`` that does not escape HTML, the
 ``loopcontrols`` extension, ``{% generation %}`` blocks), so that ``apply_chat_template``
@@ -64,20 +68,20 @@ class Tokenizer:
         d = Path(model_dir)
         tok_path, cfg_path, jinja_path = (d / "tokenizer.json", d / "tokenizer_config.json",
                                           d / "chat_template.jinja")
+        if not tok_path.is_file() and (d / "tokenizer.model").is_file():
+            from .tokenizer_adapters import SentencePieceTokenizer
+
+            return SentencePieceTokenizer.from_dir(d)
         for path in (tok_path, cfg_path):
             if not path.is_file():
                 raise ModelError(str(path), "missing (a model folder needs tokenizer.json and "
-                                            "tokenizer_config.json)")
+                                            "tokenizer_config.json, or a sentencepiece "
+                                            "tokenizer.model)")
         try:
             backend = _HFTokenizer.from_file(str(tok_path))
         except Exception as e:  # the tokenizers library raises a bare Exception for bad files
             raise ModelError(str(tok_path), f"not a valid tokenizer.json ({e})") from None
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ModelError(str(cfg_path), f"not valid JSON ({type(e).__name__})") from None
-        if not isinstance(config, dict):
-            raise ModelError(str(cfg_path), "expected a JSON object")
+        config = read_tokenizer_config(cfg_path)
         template = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else None
         tok = cls(backend, config, template, where=str(d))
         h = hashlib.sha256(tok_path.read_bytes())
@@ -123,7 +127,7 @@ class Tokenizer:
         except (DataError, TypeError, ValueError):
             return None  # the template rejects this conversation: no turn-end token then
         rest = text[text.rfind(marker) + len(marker):] if marker in text else ""
-        specials = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        specials = self._special_ids()
         for token in sorted(specials, key=len, reverse=True):
             if rest.lstrip().startswith(token):
                 return specials[token]
@@ -138,7 +142,7 @@ class Tokenizer:
         """Token ids of ``text``; with ``add_special_tokens``, BOS / EOS where the config's
         ``add_bos_token`` / ``add_eos_token`` ask for them. Special tokens written in the
         text (``<|im_start|>``) are always matched whole."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self._encode_text(text)
         if add_special_tokens:
             if self.add_bos_token and self.bos_token_id is not None:
                 ids = [self.bos_token_id, *ids]
@@ -148,6 +152,15 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # -- backend hooks: tokenizer_adapters overrides these, token_to_id, vocab_size, decode --
+    def _encode_text(self, text: str) -> list[int]:
+        """The ids of ``text``: special tokens in it matched whole, nothing added."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def _special_ids(self) -> dict[str, int]:
+        """The vocabulary's special tokens, text -> id."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     # -- chat -----------------------------------------------------------------------------
     @cached_property
@@ -173,6 +186,17 @@ class Tokenizer:
             # exhausts memory is the template's fault, reported as one line
             raise DataError(f"chat template of {self.where}", f"{type(e).__name__}: {e}") from None
         return self.encode(text) if tokenize else text
+
+
+def read_tokenizer_config(path: Path) -> dict:
+    """The JSON object of a ``tokenizer_config.json``; ModelError when it is not one."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(str(path), f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise ModelError(str(path), "expected a JSON object")
+    return config
 
 
 def _config_template(value) -> str | None:

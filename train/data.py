@@ -30,6 +30,8 @@ scanning the file. Packed rows hold example indices, not copies of the tokens.
 The tokenizer is anything with ``encode(text, add_special_tokens=False) -> list[int]``,
 ``decode(ids)`` and the special ids (``TokenizerLike``); messages are rendered with its
 ``apply_chat_template`` when it has one, else with the built-in ChatML renderer.
+``peft_core.tokenizer_adapters.load_tokenizer`` makes one from a sentencepiece model, a
+tiktoken ``Encoding`` or any object with ``encode(text)``, ``decode(ids)`` and ``eos_token_id``.
 """
 from __future__ import annotations
 
