@@ -8,6 +8,7 @@ contract's exit status (2 usage/config, 3 data, 4 model/checkpoint/adapter, 5 ga
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -101,8 +102,9 @@ def cmd_train(args):
     result = train(cfg, resume=args.resume, log=_log)
     if result.interrupted:
         sys.exit(130)
-    _log(f"trained {result.steps} steps (final loss {result.final_loss:.4f}); "
-         f"adapter in {result.out_dir / 'adapter'}")
+    if _rank0():
+        _log(f"trained {result.steps} steps (final loss {result.final_loss:.4f}); "
+             f"adapter in {result.out_dir / 'adapter'}")
 
 
 def cmd_eval(args):
@@ -156,6 +158,11 @@ def _bench_module():
 
 def _log(msg):
     print(msg, flush=True)
+
+
+def _rank0() -> bool:
+    """False in the processes of a torchrun launch other than rank 0."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # -- the parser ---------------------------------------------------------------------------
@@ -237,7 +244,8 @@ def main(argv=None) -> int:
     except LeantuneError as e:
         if debug:
             raise
-        _error(str(e))
+        if _rank0():  # the same mistake on every rank of a torchrun launch: one line
+            _error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -12,6 +12,11 @@ The data position is derived from the step: step s consumes micro-batches
 [s * grad_accum, (s + 1) * grad_accum) of an endless sequence of epochs, each shuffled by
 (seed, epoch). A checkpoint therefore needs only the step, the trainable tensors, the
 optimizer state and the RNG state to resume bit-exactly.
+
+Launched by torchrun, every process builds the same plan and runs its part of each step's
+micro-batches; gradients and loss are summed over the processes once per optimizer step, so
+the config describes the global batch and the result is that of one process (see
+``Ranks``). Rank 0 alone writes files and prints.
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from peft_core.checkpoint import load_model, write_json
 from peft_core.errors import LeantuneError, ModelError, UsageError
@@ -114,6 +121,133 @@ def versions() -> dict:
     return v
 
 
+# -- data parallel (torchrun) --------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun launch; rank 0 of 1 when not launched by one.
+
+    Data parallelism is plain collectives rather than DistributedDataParallel: the gradients
+    are summed once per optimizer step, after the accumulation, in a few flat buckets (DDP
+    would need ``no_sync`` for that, a forward through the wrapped module, which the loop
+    does not make, and a forward on every rank, which a short last batch of an epoch may not
+    give). A summed buffer is bit-identical on every rank, so clipping, the NaN guard and the
+    optimizer step agree everywhere and the replicas stay equal."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, micro: list) -> list:
+        """This rank's part of a step's micro-batches: whole micro-batches, a contiguous run
+        of them, when their number splits evenly over the ranks (each is then computed
+        exactly as one process computes it); otherwise its contiguous share of the rows of
+        each (a short last batch of an epoch may leave it none)."""
+        if len(micro) % self.world == 0:
+            k = len(micro) // self.world
+            return micro[self.rank * k:(self.rank + 1) * k]
+        out = []
+        for b in micro:
+            q, r = divmod(len(b["input_ids"]), self.world)
+            lo = self.rank * q + min(self.rank, r)
+            rows = slice(lo, lo + q + (self.rank < r))
+            if rows.stop > rows.start:
+                out.append({key: v[rows] for key, v in b.items()})
+        return out
+
+    def sum_(self, tensors: list, bucket: int = 1 << 25):
+        """Sum ``tensors`` over the ranks, in place: one all_reduce per bucket of up to
+        ``bucket`` elements of one dtype."""
+        if self.world == 1:
+            return
+        by_dtype: dict = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            while group:
+                n, size = 0, 0
+                while n < len(group) and (n == 0 or size + group[n].numel() <= bucket):
+                    size += group[n].numel()
+                    n += 1
+                chunk, group = group[:n], group[n:]
+                flat = torch.cat([t.reshape(-1) for t in chunk])
+                dist.all_reduce(flat)
+                for t, v in zip(chunk, flat.split([t.numel() for t in chunk])):
+                    t.copy_(v.view_as(t))
+
+    def any(self, flag) -> bool:
+        """Whether ``flag`` is set on any rank: the same answer on every rank."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(bool(flag))], device=self.device)
+        self.sum_([t])
+        return bool(t > 0)
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_(self, tensors: list):
+        """Rank 0's values of ``tensors`` on every rank."""
+        if self.world > 1:
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def launch_ranks() -> Ranks:
+    """Rank, world size and device from torchrun's environment (cuda:LOCAL_RANK on a GPU)."""
+    env = os.environ
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    device = pick_device()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(env.get("LOCAL_RANK", 0)))
+    return Ranks(rank, world, device)
+
+
+@contextmanager
+def process_group(ranks: Ranks):
+    """torch.distributed for a torchrun launch (gloo on the CPU, NCCL on CUDA), destroyed on
+    the way out, also after an error. Nothing to do for one process, or when the caller has
+    set a group up already."""
+    if ranks.world == 1 or dist.is_initialized():
+        yield
+        return
+    if ranks.device.type == "cuda":
+        torch.cuda.set_device(ranks.device)
+        dist.init_process_group("nccl", device_id=ranks.device)
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def rng_state() -> dict:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def checkpoint_rng(ranks: Ranks) -> dict:
+    """The RNG states a checkpoint keeps: rank 0's as ``torch_cpu``/``torch_cuda``, rank N's
+    (N > 0, under torchrun) as ``torch_cpu.rankN``/``torch_cuda.rankN``."""
+    states = ranks.gather(rng_state())
+    return {k + (f".rank{r}" if r else ""): v for r, st in enumerate(states) for k, v in st.items()}
+
+
 # -- model + adapter -----------------------------------------------------------------------
 def build_model(cfg: Config, model_dir: Path, device, dtype):
     """The base (4-bit when configured) with the adapter injected; the trainable params."""
@@ -159,16 +293,21 @@ def batch_loss_sum(model, batch, chunk: int):
 
 
 @torch.no_grad()
-def eval_loss(model, plan, chunk: int, device) -> float:
+def eval_loss(model, plan, chunk: int, device, ranks: Ranks = Ranks()) -> float:
+    """Mean loss per supervised token over the plan's batches (shared out among ranks)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(len(plan)):
+    for i in range(ranks.rank, len(plan), ranks.world):
         batch = {k: v.to(device) for k, v in plan.batch(0, i).items()}
         loss, n = batch_loss_sum(model, batch, chunk)
         total += float(loss)
         count += n
     model.train(was)
+    if ranks.world > 1:
+        t = torch.tensor([total, count], dtype=torch.float64, device=ranks.device)
+        ranks.sum_([t])
+        total, count = t.tolist()
     return total / max(count, 1)
 
 
@@ -221,8 +360,10 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: dict, cfg: Config):
-    """checkpoints/step-N/ written to a temp folder, fsynced, then renamed into place.
+def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: dict, cfg: Config,
+                    rng: dict | None = None):
+    """checkpoints/step-N/ written to a temp folder, fsynced, then renamed into place;
+    ``rng`` defaults to this process's RNG state.
 
     state.json is written last and records the sha256 of every tensor file, so a checkpoint
     damaged later (a bit flip, a truncation) is recognised on resume. An OSError (a full
@@ -236,15 +377,12 @@ def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: d
         remove_stale_temps(run_dir)
         tmp.mkdir()
         names = {p: n for n, p in params.items()}
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
         files = {
             "trainable.safetensors": write_safetensors({n: p.detach() for n, p in params.items()},
                                                        tmp / "trainable.safetensors"),
             "optimizer.safetensors": write_safetensors(optimizer_tensors(opt, names),
                                                        tmp / "optimizer.safetensors"),
-            "rng.safetensors": write_safetensors(rng, tmp / "rng.safetensors"),
+            "rng.safetensors": write_safetensors(rng or rng_state(), tmp / "rng.safetensors"),
         }
         if cfg.adapter.kind != "none":
             from peft_core.adapters import save_adapter
@@ -364,11 +502,25 @@ def _progress(step, total, loss, tps, t0, start_step):
 
 
 def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=None) -> TrainResult:
-    """Run (or resume) a fine-tune; ``on_step(step)`` is called after each optimizer step."""
+    """Run (or resume) a fine-tune; ``on_step(step)`` is called after each optimizer step.
+
+    Under torchrun (WORLD_SIZE > 1) this runs data-parallel on every process: ``log`` is
+    called on rank 0 only, ``on_step`` on every rank."""
+    ranks = launch_ranks()
+    if cfg.train.grad_accum % ranks.world and cfg.train.batch_size % ranks.world:
+        raise UsageError("train.batch_size", f"the global batch does not split over {ranks.world} "
+                                             f"processes (WORLD_SIZE): make batch_size "
+                                             f"({cfg.train.batch_size}) or grad_accum "
+                                             f"({cfg.train.grad_accum}) a multiple of {ranks.world}")
+    with process_group(ranks):
+        return _train(cfg, resume, log if ranks.main else (lambda msg: None), tokenizer, on_step, ranks)
+
+
+def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> TrainResult:
     from peft_core.tokenizer import Tokenizer
     from train.data import BatchPlan, build_examples, pack_examples
 
-    device = pick_device()
+    device = ranks.device
     dtype = compute_dtype_for(cfg, device)
     run_dir = Path(cfg.train.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -399,6 +551,8 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
     # model, adapter, optimizer
     model, params = build_model(cfg, model_dir, device, dtype)
     model.train()
+    if ranks.rank:
+        torch.manual_seed(cfg.train.seed + ranks.rank)  # its own dropout masks
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
@@ -418,6 +572,7 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
         "datasets": {k: {"path": p, "sha256": file_sha256(p)} for k, p in
                      (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
         "versions": versions(), "git_commit": git_commit(), "device": str(device),
+        "world_size": ranks.world,
         "total_steps": total, "data_summary": summary.__dict__ if hasattr(summary, "__dict__") else {},
     }
 
@@ -427,7 +582,8 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
         ckpt = resume_checkpoint(run_dir, log)
         if ckpt is None:
             log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting fresh")
-            metrics_path.unlink(missing_ok=True)  # rows of the lost steps would repeat
+            if ranks.main:
+                metrics_path.unlink(missing_ok=True)  # rows of the lost steps would repeat
         else:
             state = json.loads((ckpt / "state.json").read_text())
             if state.get("base_model_sha256") not in (None, base_hash):
@@ -442,31 +598,39 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
                     p.copy_(saved[n])
             load_optimizer_tensors(opt, params, read_safetensors(ckpt / "optimizer.safetensors"))
             rng = read_safetensors(ckpt / "rng.safetensors")
-            torch.set_rng_state(rng["torch_cpu"])
-            if "torch_cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["torch_cuda"])
+            mine = f".rank{ranks.rank}" if f"torch_cpu.rank{ranks.rank}" in rng else ""
+            torch.set_rng_state(rng["torch_cpu" + mine])
+            if "torch_cuda" + mine in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["torch_cuda" + mine])
             start, skipped = state["step"], state.get("skipped_steps", 0)
             log(f"resume: continuing from {ckpt.name}")
             # keep the metrics of the steps the checkpoint covers, drop the rest
-            if metrics_path.exists():
+            if ranks.main and metrics_path.exists():
                 kept = [ln for ln in metrics_path.read_text(errors="replace").splitlines()
                         if (st := _metrics_step(ln)) is not None and st <= start]  # and half-written lines
                 metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif metrics_path.exists():
+    elif ranks.main and metrics_path.exists():
         metrics_path.unlink()
-    remove_stale_temps(run_dir)
-    write_json(run_dir / "manifest.json", manifest)
+    ranks.broadcast_([p.data for p in params.values()])  # equal replicas, as DDP makes them
+    if ranks.main:
+        remove_stale_temps(run_dir)
+        write_json(run_dir / "manifest.json", manifest)
 
-    def ckpt_extra():
-        return {"skipped_steps": skipped, "base_model_sha256": base_hash,
-                "base_model": str(model_dir), "micro_batches": step * ga}
+    def checkpoint():
+        """checkpoints/step-N, written by rank 0 with every rank's RNG state; the others wait."""
+        rng = checkpoint_rng(ranks)
+        extra = {"skipped_steps": skipped, "base_model_sha256": base_hash,
+                 "base_model": str(model_dir), "micro_batches": step * ga}
+        path = save_checkpoint(run_dir, step, model, params, opt, extra, cfg, rng) if ranks.main else None
+        ranks.barrier()
+        return path
 
-    tty = sys.stderr.isatty()
+    tty = ranks.main and sys.stderr.isatty()
     t0 = time.time()
     last_loss = float("nan")
     interrupted = False
     step = start
-    with _Signals() as sigs, open(metrics_path, "a", encoding="utf-8") as mlog:
+    with _Signals() as sigs, open(metrics_path if ranks.main else os.devnull, "a", encoding="utf-8") as mlog:
         while step < total:
             t_step = time.time()
             lr = cfg.train.lr * lr_factor(step, total, cfg.train.warmup_steps, cfg.train.schedule)
@@ -475,13 +639,18 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
             micro = [plan.batch(*divmod(step * ga + j, len(plan))) for j in range(ga)]
             n_tok = sum(int((causal_lm_targets(b["labels"], b["doc_ids"]) != -100).sum()) for b in micro)
             loss_total = torch.zeros((), device=device)
-            for b in micro:
+            for b in ranks.part(micro):
                 b = {k: v.to(device) for k, v in b.items()}
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss_sum, _ = batch_loss_sum(model, b, cfg.train.loss_chunk)
                 loss = loss_sum / max(n_tok, 1)  # normalised by the whole accumulated batch
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_total += loss.detach()
+            if ranks.world > 1:  # the gradient and loss of the whole global batch, on every rank
+                for p in params.values():
+                    if p.grad is None:  # no rows here this step
+                        p.grad = torch.zeros_like(p)
+                ranks.sum_([p.grad for p in params.values()] + [loss_total])
             if scaler:
                 scaler.unscale_(opt)
             clip = cfg.train.clip if cfg.train.clip > 0 else float("inf")
@@ -500,7 +669,7 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
             opt.zero_grad(set_to_none=True)
             step += 1
             if nan_streak >= cfg.train.max_nan_steps:
-                save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
+                checkpoint()
                 raise TrainingAborted("train", f"loss or gradients non-finite for {nan_streak} "
                                                f"steps in a row at step {step}; checkpoint saved")
             dt = time.time() - t_step
@@ -513,7 +682,7 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
                        "epoch": step * ga / len(plan),
                        "peak_mem_mb": peak_memory_mb(device)}
                 if cfg.train.eval_every and eval_plan is not None and step % cfg.train.eval_every == 0:
-                    rec["eval_loss"] = eval_loss(model, eval_plan, cfg.train.loss_chunk, device)
+                    rec["eval_loss"] = eval_loss(model, eval_plan, cfg.train.loss_chunk, device, ranks)
                 mlog.write(json.dumps(rec) + "\n")
                 mlog.flush()
                 if tty:
@@ -521,17 +690,20 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
             if on_step is not None:
                 on_step(step)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total:
-                save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
-            if sigs.stop:
-                save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
-                log(f"\n{sigs.stop}: checkpoint saved at step {step}; continue with --resume")
+                checkpoint()
+            if ranks.any(sigs.stop):  # every rank stops at the same step
+                checkpoint()
+                log(f"\n{sigs.stop or 'a signal to another rank'}: checkpoint saved at step {step}; "
+                    "continue with --resume")
                 interrupted = True
                 break
     if tty:
         sys.stderr.write("\n")
     if not interrupted:
         # the checkpoint first: when the export below fails (a full disk), nothing trained is lost
-        final = save_checkpoint(run_dir, step, model, params, opt, ckpt_extra(), cfg)
+        final = checkpoint()
+        if not ranks.main:
+            return TrainResult(run_dir, step, last_loss, skipped)
         export = run_dir / ("adapter" if cfg.adapter.kind != "none" else "model")
         try:
             if cfg.adapter.kind != "none":
