@@ -5,6 +5,7 @@ wall time against the summed device time (a large gap means launch-bound or sync
 Uses the same setup as ``bench/e2e.py`` (random-weight Llama shapes, same batch and LoRA).
 
     python -m bench.profile_step --random-shape 1b --seq 2048 [--provider leantune|peer] [--top 25]
+    python -m bench.profile_step --batch 4 --seq 256        # the embedded SmolLM2, CPU target shape
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from bench import e2e
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--random-shape", default="1b", choices=list(e2e.SHAPES))
+    ap.add_argument("--random-shape", choices=list(e2e.SHAPES),
+                    help="a random-weight Llama of this shape (default: the embedded SmolLM2)")
+    ap.add_argument("--model", help="a model folder instead")
     ap.add_argument("--provider", default="leantune", choices=["leantune", "peer"])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
@@ -26,8 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    model_dir = e2e.write_random_model(e2e._cache_dir() / "bench-models" /
-                                       f"llama-{args.random_shape}-random-seed0", args.random_shape)
+    model_dir, name = e2e.resolve_model(args)
     spec = e2e.StepSpec(model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
                         dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
     e2e._import_provider(args.provider)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         step()
         sync()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"{args.provider} {args.random_shape} B={args.batch} T={args.seq} r={args.rank}: "
+    print(f"{args.provider} {name} B={args.batch} T={args.seq} r={args.rank}: "
           f"step {wall * 1e3:.1f} ms wall")
     if cuda:
         dev_us = sum(e.self_device_time_total for e in prof.key_averages())
