@@ -21,6 +21,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a config.json, tokenizer_config.json, ...); ModelError
+    naming the file when it is not valid JSON or not an object."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(str(path), f"not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ModelError(str(path), "expected a JSON object")
+    return d
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -147,13 +159,7 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ModelError(str(path), "no config.json (expected a Hugging Face model folder)")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ModelError(str(path), f"not valid JSON ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict):
-            raise ModelError(str(path), "expected a JSON object")
-        return cls.from_hf_dict(d, where=str(path))
+        return cls.from_hf_dict(read_json_object(path), where=str(path))
 
 
 def llama3_inv_freq(inv_freq, scaling: dict):

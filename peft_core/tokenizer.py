@@ -32,6 +32,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .config import read_json_object
 from .errors import DataError, ModelError
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -81,7 +82,7 @@ class Tokenizer:
             backend = _HFTokenizer.from_file(str(tok_path))
         except Exception as e:  # the tokenizers library raises a bare Exception for bad files
             raise ModelError(str(tok_path), f"not a valid tokenizer.json ({e})") from None
-        config = read_tokenizer_config(cfg_path)
+        config = read_json_object(cfg_path)
         template = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else None
         tok = cls(backend, config, template, where=str(d))
         h = hashlib.sha256(tok_path.read_bytes())
@@ -186,17 +187,6 @@ class Tokenizer:
             # exhausts memory is the template's fault, reported as one line
             raise DataError(f"chat template of {self.where}", f"{type(e).__name__}: {e}") from None
         return self.encode(text) if tokenize else text
-
-
-def read_tokenizer_config(path: Path) -> dict:
-    """The JSON object of a ``tokenizer_config.json``; ModelError when it is not one."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelError(str(path), f"not valid JSON ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise ModelError(str(path), "expected a JSON object")
-    return config
 
 
 def _config_template(value) -> str | None:

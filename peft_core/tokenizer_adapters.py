@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 from .errors import ModelError
-from .tokenizer import Tokenizer, read_tokenizer_config
+from .config import read_json_object
+from .tokenizer import Tokenizer
 
 _NEEDS = "a tokenizer needs encode(text) -> list[int], decode(ids) -> str and an int eos_token_id"
 
@@ -74,7 +75,7 @@ class SentencePieceTokenizer(Tokenizer):
         ``chat_template.jinja`` when they are there."""
         d = Path(model_dir)
         cfg_path, jinja_path = d / "tokenizer_config.json", d / "chat_template.jinja"
-        config = read_tokenizer_config(cfg_path) if cfg_path.is_file() else {}
+        config = read_json_object(cfg_path) if cfg_path.is_file() else {}
         template = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else None
         return cls(_load_sentencepiece(d / "tokenizer.model"), config, template, where=str(d))
 

@@ -85,3 +85,15 @@ def tiny_model_dir(out_dir, variant: str = "llama", seed: int = 0, **over):
     save_model(model, out_dir)
     byte_tokenizer_files(out_dir)
     return out_dir
+
+
+def skip_unless_triton_runs(kernel, module: str) -> None:
+    """Skip the calling test module when there is no CUDA and ``kernel`` (a ``triton.jit``
+    function) was not built for the interpreter, i.e. TRITON_INTERPRET was not 1 when
+    ``module`` was first imported."""
+    import pytest
+
+    if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
+        pytest.skip(f"no CUDA, and the Triton kernels were not built for the interpreter "
+                    f"(TRITON_INTERPRET was not 1 when {module} was first imported)",
+                    allow_module_level=True)

@@ -24,11 +24,10 @@ from train.adamw8bit import (  # noqa: E402
 )
 from train.triton_adamw8bit import adamw8bit_step_triton  # noqa: E402
 
+from tests.helpers import skip_unless_triton_runs  # noqa: E402
+
+skip_unless_triton_runs(triton_adamw8bit._adamw8bit_kernel, "train.triton_adamw8bit")
 CUDA = torch.cuda.is_available()
-if not CUDA and type(triton_adamw8bit._adamw8bit_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("no CUDA, and the Triton kernel was not built for the interpreter "
-                "(TRITON_INTERPRET was not 1 when train.triton_adamw8bit was first imported)",
-                allow_module_level=True)
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 

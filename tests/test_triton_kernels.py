@@ -21,11 +21,10 @@ from quant import triton_dequant, triton_matmul  # noqa: E402
 from quant.triton_dequant import dequantize_4bit_triton  # noqa: E402
 from quant.triton_matmul import matmul_4bit_triton  # noqa: E402
 
+from tests.helpers import skip_unless_triton_runs  # noqa: E402
+
+skip_unless_triton_runs(triton_dequant._dequant_4bit_kernel, "quant.triton_dequant")
 CUDA = torch.cuda.is_available()
-if not CUDA and type(triton_dequant._dequant_4bit_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("no CUDA, and the Triton kernels were not built for the interpreter "
-                "(TRITON_INTERPRET was not 1 when quant.triton_* was first imported)",
-                allow_module_level=True)
 DEVICE = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
