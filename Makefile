@@ -15,4 +15,4 @@ test-slow: setup
 	$(VENV)/python -m pytest -q -m slow
 
 test-gpu: setup
-	$(VENV)/python -m pytest -q -m gpu
+	LEANTUNE_TRITON_AUTOTUNE=0 $(VENV)/python -m pytest -q -m gpu
