@@ -447,8 +447,9 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     output has x's dtype (fp32 accumulation; fp32 inputs use IEEE fp32 dots, not TF32).
     ``config``: fixed meta-parameters (BLOCK_M/BLOCK_N/BLOCK_K/GROUP_M, or BLOCK_N/BLOCK_K for
     the M == 1 path, plus num_warps/num_stages) that bypass autotuning; for tests and benches.
-    ``fused``: None picks by shape (the fused kernel up to ``FUSED_MAX_M`` rows, above that
-    Triton dequantize + cuBLAS for fp16/bf16 x); True or False forces one.
+    ``fused``: None picks: the GEMV for a one-row forward, the fused tile kernel up to
+    ``FUSED_MAX_M`` rows and for fp32 x (its IEEE dots; not measured against cuBLAS), else
+    Triton dequantize + cuBLAS. True or False forces one.
     """
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
