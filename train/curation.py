@@ -34,7 +34,7 @@ import numpy as np
 
 from peft_core.errors import DataError, UsageError
 
-from .data import FORMATS, IGNORE, check_record, encode_record, parse_line, read_jsonl
+from .data import FORMATS, IGNORE, check_record, encode_record, file_format, parse_line, read_jsonl
 
 MAX_LISTED = 20  # warnings of one kind printed before "... and N more"
 
@@ -196,11 +196,7 @@ def check_file(path, tok=None, max_len: int | None = None, fmt: str = "auto",
         try:
             record = parse_line(raw, where)
             rec_fmt = check_record(record, fmt, where)
-            if file_fmt is None:
-                file_fmt, first_line = rec_fmt, line_no
-            elif rec_fmt != file_fmt:
-                raise DataError(where, f"record is {rec_fmt!r} but the file's first record "
-                                       f"(line {first_line}) is {file_fmt!r}; one format per file")
+            file_fmt, first_line = file_format(file_fmt, first_line, rec_fmt, line_no, where)
             rep.records += 1
             rep.chars.append(record_chars(record, rec_fmt))
             key = _digest(record_text(record))

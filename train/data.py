@@ -222,6 +222,17 @@ def _open(path, where: str):
         raise DataError(where, f"cannot read data file ({e.strerror or e})") from None
 
 
+def file_format(file_fmt: str | None, first_line: int, rec_fmt: str, line_no: int, where: str):
+    """(file_fmt, first_line) after a record of ``rec_fmt`` at ``line_no``: the first record
+    sets the file's format and every later one must have it (one format per file)."""
+    if file_fmt is None:
+        return rec_fmt, line_no
+    if rec_fmt != file_fmt:
+        raise DataError(where, f"record is {rec_fmt!r} but the file's first record "
+                               f"(line {first_line}) is {file_fmt!r}; one format per file")
+    return file_fmt, first_line
+
+
 def read_jsonl(path, fmt: str = "auto", with_format: bool = False) -> Iterator:
     """Stream the records of a JSONL file as ``(line_no, record)`` (1-based line numbers),
     each validated against ``fmt``; with ``fmt="auto"`` the first record fixes the format and
@@ -238,11 +249,7 @@ def read_jsonl(path, fmt: str = "auto", with_format: bool = False) -> Iterator:
             where = f"{name}:{line_no}"
             record = parse_line(raw, where)
             rec_fmt = check_record(record, fmt, where)
-            if file_fmt is None:
-                file_fmt, first_line = rec_fmt, line_no
-            elif rec_fmt != file_fmt:
-                raise DataError(where, f"record is {rec_fmt!r} but the file's first record "
-                                       f"(line {first_line}) is {file_fmt!r}; one format per file")
+            file_fmt, first_line = file_format(file_fmt, first_line, rec_fmt, line_no, where)
             n += 1
             yield (line_no, record, rec_fmt) if with_format else (line_no, record)
     if n == 0:
