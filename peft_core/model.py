@@ -6,6 +6,10 @@
                scaled_dot_product_attention, o projection.
     MLP (SwiGLU): down(silu(gate(x)) * up(x)), with an autograd Function that saves less
 
+Memory for the backward: the norms' outputs and the SwiGLU output, which the projections
+after them would keep, are recomputed in the backward instead (``recompute_saved``): a few
+cheap elementwise passes for about a third of a block's saved activations.
+
 Module names follow Hugging Face (``model.layers.0.self_attn.q_proj``) so checkpoints and
 PEFT adapters map one to one. Covers Llama 2/3/3.1 (llama3 RoPE scaling), Mistral (sliding
 window), Qwen2 (q/k/v bias) and SmolLM2 (tied embeddings); see ``config.py``.
@@ -17,15 +21,19 @@ those the causal fast path of SDPA is used.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, llama3_inv_freq
+from .rowops import SwiGLU, rms_norm, swiglu_forward
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32, cast back before the scale."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32, cast back before the scale
+    (``rowops.rms_norm``: a Function that saves x and one float a row; a C kernel on CPU)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -33,10 +41,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -130,26 +135,6 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class SwiGLU(torch.autograd.Function):
-    """silu(g) * u, saving only g and u: silu(g) is recomputed in the backward instead of
-    being kept (one (B, T, intermediate) tensor less per layer)."""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        g32 = g.to(torch.promote_types(g.dtype, torch.float32))  # half precisions in fp32
-        sig = torch.sigmoid(g32)
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        dg = dy * u * (sig * (1 + g32 * (1 - sig))).to(g.dtype)
-        du = dy * (g32 * sig).to(g.dtype)
-        return dg, du
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,8 +142,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, save_less: bool = False):
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = SwiGLU.apply(g, u)
+        if not save_less:
+            return self.down_proj(h)
+        # down_proj's adapter saves its input h for its gradient; keep a note instead and
+        # make h again from g and u (which SwiGLU keeps anyway) when the backward needs it
+        with recompute_saved(h, lambda: swiglu_forward(g, u)):
+            return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -169,9 +161,58 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, save_less: bool = True):
+        """``save_less``: for the backward, keep each norm's input but not its output (the
+        projections after it would save it): it is recomputed, exactly, when needed. Off under
+        gradient checkpointing, which recomputes the whole block anyway."""
+        save_less = save_less and torch.is_grad_enabled()
+        xn = self.input_layernorm(x)
+        with recompute_saved(xn, lambda x0=x: self.input_layernorm(x0), save_less):
+            x = x + self.self_attn(xn, cos, sin, attn_mask, cache)
+        hn = self.post_attention_layernorm(x)
+        with recompute_saved(hn, lambda x1=x: self.post_attention_layernorm(x1), save_less):
+            return x + self.mlp(hn, save_less)
+
+
+class _Note:
+    """What autograd keeps in place of a recomputable tensor: the view's geometry."""
+
+    __slots__ = ("shape", "stride", "offset")
+
+    def __init__(self, t):
+        self.shape, self.stride, self.offset = t.shape, t.stride(), t.storage_offset()
+
+
+@contextmanager
+def recompute_saved(tensor, recompute, enabled: bool = True):
+    """Within the block, every tensor autograd saves that is ``tensor`` or a view of it is
+    replaced by a note; in the backward ``recompute()`` makes it again (once, shared by every
+    user in the block, freed with the last) and the note becomes the same view of it.
+
+    ``recompute`` must give ``tensor``'s values bit for bit (the same ops on the same inputs)
+    and ``tensor`` must be contiguous. Only the address of its storage is remembered here, so
+    nothing holds the original alive after the forward."""
+    if not enabled or not tensor.is_contiguous() or tensor.storage_offset() != 0:
+        yield
+        return
+    ptr, device = tensor.untyped_storage().data_ptr(), tensor.device
+    made = []
+
+    def pack(t):
+        if t.device == device and t.untyped_storage().data_ptr() == ptr:
+            return _Note(t)
+        return t
+
+    def unpack(p):
+        if not isinstance(p, _Note):
+            return p
+        if not made:
+            with torch.no_grad():
+                made.append(recompute())
+        return made[0].as_strided(p.shape, p.stride, p.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 class Decoder(nn.Module):
@@ -189,6 +230,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
         self.grad_checkpoint = False
+        self.save_less = True  # recompute norm / SwiGLU outputs in the backward (Block.forward)
 
     def forward(self, input_ids, position_ids=None, attn_mask=None, cache=None):
         B, T = input_ids.shape
@@ -205,9 +247,9 @@ class Decoder(nn.Module):
         for block in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, cos, sin, attn_mask, cache, use_reentrant=False)
+                    block, x, cos, sin, attn_mask, cache, save_less=False, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_mask, cache)
+                x = block(x, cos, sin, attn_mask, cache, save_less=self.save_less)
         if cache is not None:
             cache.length += T
         return self.norm(x)

@@ -66,15 +66,17 @@ _SIGNATURES = {
     "lt_gemv4_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
     "lt_gemv4_t_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
     "lt_advise_hugepages": (_INT, [_P, _I64]),
-    "lt_isa_level": (_INT, []),
-    "lt_has_openmp": (_INT, []),
 }
+_INFO_SIGNATURES = {"lt_isa_level": (_INT, []), "lt_has_openmp": (_INT, [])}
 
 
 class _Loader:
-    """Builds and opens the library once per process; remembers why when it cannot."""
+    """Builds and opens the library of one C source once per process; remembers why when it
+    cannot. ``signatures``: exported name -> (restype, argtypes); the source must also export
+    ``lt_isa_level`` and ``lt_has_openmp``. ``peft_core/cpu_ops.py`` builds its own source."""
 
-    def __init__(self):
+    def __init__(self, source: Path, signatures: dict, what: str = "C kernels"):
+        self.source, self.signatures, self.what = source, signatures, what
         self.lock = threading.Lock()
         self.tried = False
         self.lib = None
@@ -89,7 +91,7 @@ class _Loader:
                     except Exception as e:  # never crash the caller: report once, fall back
                         reason = str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
                         self.info["error"] = reason
-                        print(f"leantune: C kernels unavailable ({reason}); using the PyTorch reference",
+                        print(f"leantune: {self.what} unavailable ({reason}); using the PyTorch reference",
                               file=sys.stderr)
                     self.tried = True
         return self.lib
@@ -99,14 +101,14 @@ class _Loader:
         cc_path = shutil.which(cc)
         if cc_path is None:
             raise _Unavailable(f"no C compiler: {cc!r} not found")
-        if not SOURCE.is_file():
-            raise _Unavailable(f"source {SOURCE} missing")
+        if not self.source.is_file():
+            raise _Unavailable(f"source {self.source} missing")
         try:
             version = subprocess.run([cc_path, "--version"], capture_output=True, text=True,
                                      timeout=30).stdout.splitlines()[:1]
         except (OSError, subprocess.SubprocessError) as e:
             raise _Unavailable(f"{cc} --version failed: {e}") from None
-        source = SOURCE.read_bytes()
+        source = self.source.read_bytes()
         cache = Path(os.environ.get("LEANTUNE_CACHE") or Path.home() / ".cache" / "leantune")
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -117,15 +119,15 @@ class _Loader:
         # With OpenMP first; a compiler without it (clang on macOS) still gets a serial build.
         for flags in (_flags(openmp=True), _flags(openmp=False)):
             key = hashlib.sha256(source + " ".join(flags).encode() + "".join(version).encode())
-            path = cache / f"quant4bit-{key.hexdigest()[:16]}.so"
+            path = cache / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
             if not path.is_file():
-                err = _compile(cc_path, flags, path)
+                err = _compile(cc_path, flags, self.source, path)
                 if err:
                     errors.append(err)
                     continue
             try:
                 lib = ctypes.CDLL(str(path))
-                for name, (restype, argtypes) in _SIGNATURES.items():
+                for name, (restype, argtypes) in {**self.signatures, **_INFO_SIGNATURES}.items():
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = restype, argtypes
             except (OSError, AttributeError) as e:
@@ -168,12 +170,12 @@ def _flags(openmp: bool) -> list[str]:
     return flags
 
 
-def _compile(cc_path: str, flags: list[str], path: Path) -> str | None:
+def _compile(cc_path: str, flags: list[str], source: Path, path: Path) -> str | None:
     """Compile to a temporary name beside `path`, then rename; returns an error or None."""
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc_path, *flags, str(SOURCE), "-o", tmp, "-lm"],
+        proc = subprocess.run([cc_path, *flags, str(source), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if "error" in ln] or proc.stderr.splitlines()
@@ -187,7 +189,7 @@ def _compile(cc_path: str, flags: list[str], path: Path) -> str | None:
             os.unlink(tmp)
 
 
-_LOADER = _Loader()
+_LOADER = _Loader(SOURCE, _SIGNATURES)
 
 
 def available() -> bool:

@@ -55,22 +55,33 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         w_mm = weight.to(mm)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        z_buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(mm)
             t = targets[s:s + chunk]
             rows = torch.arange(h.shape[0], device=h.device)
-            # Z = H W^T
-            z = (h @ w_mm.T).to(acc)  # (n, V)
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z[rows, t]).sum()
+            # Z = H W^T, into one buffer reused by every chunk
+            z = z_buf[:h.shape[0]]
+            if mm == acc:
+                torch.mm(h, w_mm.T, out=z)
+            else:
+                z.copy_(h @ w_mm.T)
+            # loss_i = logsumexp(Z_i) - Z_i[y_i], with logsumexp = m + log(sum(exp(Z - m)))
+            z_target = z[rows, t]
+            m = z.amax(dim=-1, keepdim=True)
+            e_sum = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # Z now holds exp(Z - m)
+            total += (m.squeeze(1) + e_sum.log().squeeze(1) - z_target).sum()
             if not (need_h or need_w):
                 continue
-            # dZ = softmax(Z) - onehot(y), in place over Z
-            dz = z.sub_(lse[:, None]).exp_()
+            # dZ = softmax(Z) - onehot(y), in place
+            dz = z.div_(e_sum)
             dz[rows, t] -= 1.0
             dz = dz.to(mm)
-            if need_h:
-                dh[s:s + chunk] = (dz @ w_mm).to(hidden.dtype)  # dH = dZ W
+            if need_h:  # dH = dZ W
+                if dh.dtype == mm:
+                    torch.mm(dz, w_mm, out=dh[s:s + chunk])
+                else:
+                    dh[s:s + chunk] = (dz @ w_mm).to(hidden.dtype)
             if need_w:
                 if mm == dw.dtype:
                     dw.addmm_(dz.T, h)  # dW += dZ^T H

@@ -1,0 +1,149 @@
+"""RMSNorm and SwiGLU as autograd Functions: a PyTorch spec and a fused C kernel on the CPU.
+
+    rms_norm(x, w, eps)   y = w * (x * r),  r = 1 / sqrt(mean(x^2, -1) + eps)   (fp32 math)
+    swiglu(g, u)          h = silu(g) * u
+
+The spec is the plain PyTorch expression (``rms_norm_reference``, ``swiglu_reference``);
+autograd through it takes four to eight passes over memory for each backward. The Functions
+here save only what the backward needs (x and r for the norm; g and u for SwiGLU, never
+silu(g)) and, for fp32 tensors on the CPU, run the kernels of ``csrc/rowops.c``, one pass
+each way. Elsewhere (GPU, half precisions, ``LEANTUNE_BACKEND=reference``, no compiler) the
+same Functions compute with PyTorch ops. Backward formulas, with g = dL/dy:
+
+    RMSNorm   xh = x * r;   dx = r * (g*w - xh * mean(g*w*xh, -1));   dw = sum_rows(g * xh)
+    SwiGLU    s = sigmoid(g);   dg = dh * u * s * (1 + g * (1 - s));   du = dh * g * s
+
+The C kernels sum in another order than PyTorch (the norm's sum of squares in double), so
+they agree with the spec to ~1e-7 relative, not bit for bit; ``tests/test_rowops.py``
+checks both paths against float64.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quant.cpu_kernels import _Loader
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_LOADER = _Loader(SOURCE, {
+    "lt_rmsnorm_fwd_f32": (None, [_P, _P, _P, _P, _I64, _I64, _F, _INT]),
+    "lt_rmsnorm_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _I64, _INT]),
+    "lt_swiglu_fwd_f32": (None, [_P, _P, _P, _I64, _INT]),
+    "lt_swiglu_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
+}, what="C row kernels")
+
+
+def _use_c(*tensors) -> bool:
+    """The C kernels run when every tensor is fp32 on the CPU and the library builds (and
+    ``LEANTUNE_BACKEND`` does not force the reference)."""
+    from quant.dispatch import forced_backend
+
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return False
+    return forced_backend() != "reference" and _LOADER.get() is not None
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# -- RMSNorm -------------------------------------------------------------------------------
+def rms_norm_reference(x, weight, eps: float):
+    """The spec: y = w * (x / sqrt(mean(x^2) + eps)), in fp32, cast back before the scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * (x * r); saves x and r (one float a row), never y or the normalised x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)
+        if _use_c(x2, weight):
+            x2, w = x2.contiguous(), weight.contiguous()
+            y = torch.empty_like(x2)
+            rstd = torch.empty(x2.shape[0], dtype=torch.float32)
+            _LOADER.get().lt_rmsnorm_fwd_f32(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                             x2.shape[0], C, eps, _threads())
+        else:
+            rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)  # (rows,) fp32
+            y = weight * (x2.float() * rstd[:, None]).to(x.dtype)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        C = x2.shape[-1]
+        dy2 = dy.reshape(-1, C)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            if _use_c(x2, weight, dy2):
+                dy2 = dy2.contiguous()
+                dx = torch.empty_like(x2)
+                _LOADER.get().lt_rmsnorm_bwd_f32(x2.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(),
+                                                 dy2.data_ptr(), dx.data_ptr(), x2.shape[0], C, _threads())
+            else:
+                xh = x2.float() * rstd[:, None]
+                gw = dy2.float() * weight.float()
+                dx = (rstd[:, None] * (gw - xh * (gw * xh).mean(-1, keepdim=True))).to(x2.dtype)
+            dx = dx.reshape(dy.shape)
+        if ctx.needs_input_grad[1]:
+            xh = (x2.float() * rstd[:, None]).to(x2.dtype)
+            dw = (dy2 * xh).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm of x's last dimension: ``RMSNormFunction`` when a gradient is wanted, else
+    the kernel's forward alone (inference saves nothing)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+# -- SwiGLU --------------------------------------------------------------------------------
+def swiglu_reference(g, u):
+    """The spec: silu(g) * u."""
+    return F.silu(g) * u
+
+
+def swiglu_forward(g, u):
+    """silu(g) * u without autograd (also the recompute of the MLP's saved activation)."""
+    if _use_c(g, u) and g.shape == u.shape:
+        g, u = g.contiguous(), u.contiguous()
+        h = torch.empty_like(g)
+        _LOADER.get().lt_swiglu_fwd_f32(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), _threads())
+        return h
+    return F.silu(g) * u
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u, saving only g and u: silu(g) is recomputed in the backward instead of
+    being kept (one (B, T, intermediate) tensor less per layer)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return swiglu_forward(g, u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        if _use_c(g, u, dy) and g.shape == u.shape == dy.shape:
+            g, u, dy = g.contiguous(), u.contiguous(), dy.contiguous()
+            dg, du = torch.empty_like(g), torch.empty_like(u)
+            _LOADER.get().lt_swiglu_bwd_f32(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
+                                            du.data_ptr(), g.numel(), _threads())
+            return dg, du
+        g32 = g.to(torch.promote_types(g.dtype, torch.float32))  # half precisions in fp32
+        sig = torch.sigmoid(g32)
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        dg = dy * u * (sig * (1 + g32 * (1 - sig))).to(g.dtype)
+        du = dy * (g32 * sig).to(g.dtype)
+        return dg, du

@@ -1,0 +1,163 @@
+"""The fused row ops (peft_core/rowops.py, csrc/rowops.c) against float64 references, and the
+block's recompute of saved activations (peft_core/model.py ``recompute_saved``) against the
+plain backward: the same gradients bit for bit, and less kept for the backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_core import rowops
+from peft_core.adapters import AdapterConfig, inject_adapter
+from quant.modules import replace_linears
+from tests.helpers import tiny_model
+
+needs_c = pytest.mark.skipif(rowops._LOADER.get() is None, reason="the C row kernels do not build here")
+PATHS = [pytest.param("c", marks=needs_c), "reference"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("LEANTUNE_BACKEND", raising=False)
+    return request.param
+
+
+def _rms64(x, w, eps):
+    x = x.double()
+    return w.double() * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 64), (4, 33, 576), (1000, 17)], ids=str)
+def test_rms_norm_matches_float64(path, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen) * 3).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+    eps = 1e-5
+    y = rowops.rms_norm(x, w, eps)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = _rms64(x64, w64, eps)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(dx.double(), dx64, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(dw.double(), dw64, rtol=2e-5, atol=2e-4)
+
+
+def test_rms_norm_reference_path_is_the_old_expression(monkeypatch):
+    """The PyTorch path (GPU, half precisions) computes exactly the spec's expression."""
+    monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    x = torch.randn(3, 9, 40, dtype=torch.bfloat16)
+    w = torch.randn(40, dtype=torch.bfloat16)
+    assert torch.equal(rowops.rms_norm(x, w, 1e-6), rowops.rms_norm_reference(x, w, 1e-6))
+    x = torch.randn(5, 40)
+    assert torch.equal(rowops.rms_norm(x, w.float(), 1e-6), rowops.rms_norm_reference(x, w.float(), 1e-6))
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (4, 256, 112), (16385,)], ids=str)
+def test_swiglu_matches_float64(path, shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    g = (torch.randn(shape, generator=gen) * 4).requires_grad_()
+    u = torch.randn(shape, generator=gen).requires_grad_()
+    dh = torch.randn(shape, generator=gen)
+    h = rowops.SwiGLU.apply(g, u)
+    dg, du = torch.autograd.grad(h, (g, u), dh)
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    h64 = F.silu(g64) * u64
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    torch.testing.assert_close(h.double(), h64, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(dg.double(), dg64, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(du.double(), du64, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_swiglu_extremes(path):
+    """Large, tiny and non-finite gates: finite where silu is, NaN stays NaN."""
+    g = torch.tensor([-1e4, -100.0, -88.0, -20.0, 0.0, 1e-30, 20.0, 88.0, 100.0, 1e4, float("nan")],
+                     requires_grad=True)
+    u = torch.full_like(g, 2.0, requires_grad=True)
+    h = rowops.SwiGLU.apply(g, u)
+    dg, du = torch.autograd.grad(h, (g, u), torch.ones_like(h))
+    ref = F.silu(g.detach().double()) * 2
+    torch.testing.assert_close(h[:-1].double(), ref[:-1], rtol=1e-6, atol=1e-30)
+    assert torch.isnan(h[-1]) and torch.isnan(dg[-1]) and torch.isnan(du[-1])
+    assert torch.isfinite(dg[:-1]).all() and torch.isfinite(du[:-1]).all()
+
+
+def test_swiglu_float64_gradcheck():
+    g = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rowops.SwiGLU.apply, (g, u))
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    # the norm computes in fp32 by design (see the spec): gradcheck at fp32 tolerances
+    assert torch.autograd.gradcheck(lambda a, b: rowops.rms_norm(a, b, 1e-5).double(), (x, w),
+                                    eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+# -- recompute of saved activations ------------------------------------------------------------------
+def _saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps for the backward of fn()."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("variant", ["llama", "llama-bias"])
+def test_block_recompute_gives_identical_gradients_and_saves_less(quant, variant):
+    """Decoder.save_less recomputes norm and SwiGLU outputs in the backward: every LoRA
+    gradient is bit-identical to keeping them, and the activations kept are smaller."""
+    results = {}
+    for save_less in (False, True):
+        model = tiny_model(variant, seed=3)
+        if quant:
+            replace_linears(model)
+        torch.manual_seed(1)
+        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        model.model.save_less = save_less
+        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+        hidden, saved = _saved_bytes(lambda: model.model(ids))
+        (hidden.square().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[save_less] = (hidden.detach(), grads, saved)
+    (h0, g0, s0), (h1, g1, s1) = results[False], results[True]
+    assert torch.equal(h0, h1)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), n
+    assert s1 < s0
+
+
+def test_recompute_saved_is_off_under_gradient_checkpointing():
+    """With checkpointing the block is recomputed whole; the gradients stay those of the
+    plain backward."""
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model("llama", seed=5)
+        torch.manual_seed(1)
+        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        model.train()
+        model.model.grad_checkpoint = ckpt
+        ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+        model.model(ids).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-7)
