@@ -128,3 +128,30 @@ LT_API void lt_swiglu_bwd_f32(const float *restrict a, const float *restrict b, 
         }
     }
 }
+
+/* Rotary embedding, rotate-half convention, h = D / 2, for every (b, hd, t) row of x:
+ *   forward:   out[i] = x[i] c[i] - x[i+h] s[i]        (i < h)
+ *              out[i] = x[i] c[i] + x[i-h] s[i]        (i >= h)
+ *   backward:  dx[i]  = g[i] c[i] + g[i+h] s[i+h]      (i < h)
+ *              dx[i]  = g[i] c[i] - g[i-h] s[i-h]      (i >= h)
+ * x is strided over (B, H, T) with unit stride over D; out is contiguous (B, H, T, D);
+ * cos / sin are (B or 1, T, D) with batch stride cs_b (0 when shared). */
+LT_API void lt_rope_f32(const float *x, int64_t sb, int64_t sh, int64_t st, float *out, const float *cos_,
+                        const float *sin_, int64_t cs_b, int64_t B, int64_t H, int64_t T, int64_t D,
+                        int backward, int nt) {
+    const int64_t h = D / 2, rows = B * H * T;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * D >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t b = r / (H * T), hd = (r / T) % H, t = r % T;
+        const float *xr = x + b * sb + hd * sh + t * st;
+        const float *c = cos_ + b * cs_b + t * D, *s = sin_ + b * cs_b + t * D;
+        float *o = out + r * D;
+        if (!backward) {
+            for (int64_t i = 0; i < h; i++) o[i] = xr[i] * c[i] - xr[i + h] * s[i];
+            for (int64_t i = h; i < D; i++) o[i] = xr[i] * c[i] + xr[i - h] * s[i];
+        } else {
+            for (int64_t i = 0; i < h; i++) o[i] = xr[i] * c[i] + xr[i + h] * s[i + h];
+            for (int64_t i = h; i < D; i++) o[i] = xr[i] * c[i] - xr[i - h] * s[i - h];
+        }
+    }
+}

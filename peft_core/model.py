@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, llama3_inv_freq
-from .rowops import SwiGLU, rms_norm, swiglu_forward
+from .rowops import SwiGLU, apply_rope, rms_norm, swiglu_forward
 
 
 class RMSNorm(nn.Module):
@@ -65,15 +65,6 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:

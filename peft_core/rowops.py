@@ -1,7 +1,8 @@
-"""RMSNorm and SwiGLU as autograd Functions: a PyTorch spec and a fused C kernel on the CPU.
+"""RMSNorm, SwiGLU and RoPE as autograd Functions: a PyTorch spec and a fused C kernel on the CPU.
 
     rms_norm(x, w, eps)   y = w * (x * r),  r = 1 / sqrt(mean(x^2, -1) + eps)   (fp32 math)
     swiglu(g, u)          h = silu(g) * u
+    apply_rope(x, c, s)   x * c + rotate_half(x) * s      (rotate_half(x) = cat(-x2, x1))
 
 The spec is the plain PyTorch expression (``rms_norm_reference``, ``swiglu_reference``);
 autograd through it takes four to eight passes over memory for each backward. The Functions
@@ -12,6 +13,7 @@ same Functions compute with PyTorch ops. Backward formulas, with g = dL/dy:
 
     RMSNorm   xh = x * r;   dx = r * (g*w - xh * mean(g*w*xh, -1));   dw = sum_rows(g * xh)
     SwiGLU    s = sigmoid(g);   dg = dh * u * s * (1 + g * (1 - s));   du = dh * g * s
+    RoPE      dx = g * c + rotate_half^T(g * s)   (rotate_half^T(y) = cat(y2, -y1))
 
 The C kernels sum in another order than PyTorch (the norm's sum of squares in double), so
 they agree with the spec to ~1e-7 relative, not bit for bit; ``tests/test_rowops.py``
@@ -34,6 +36,7 @@ _LOADER = _Loader(SOURCE, {
     "lt_rmsnorm_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _I64, _INT]),
     "lt_swiglu_fwd_f32": (None, [_P, _P, _P, _I64, _INT]),
     "lt_swiglu_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
+    "lt_rope_f32": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
 }, what="C row kernels")
 
 
@@ -147,3 +150,52 @@ class SwiGLU(torch.autograd.Function):
         dg = dy * u * (sig * (1 + g32 * (1 - sig))).to(g.dtype)
         du = dy * (g32 * sig).to(g.dtype)
         return dg, du
+
+
+# -- RoPE ----------------------------------------------------------------------------------
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_reference(x, cos, sin):
+    """The spec: x * cos + rotate_half(x) * sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+def _rope_c(x, cos, sin, backward: bool):
+    """The C kernel on x (B, H, T, D), strided over B, H, T; out is contiguous (B, H, T, D)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, H, T, D = x.shape
+    out = torch.empty(B, H, T, D, dtype=x.dtype)
+    _LOADER.get().lt_rope_f32(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(),
+                              cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0,
+                              B, H, T, D, int(backward), _threads())
+    return out
+
+
+class RoPEFunction(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin in one pass; saves only cos and sin (shared by layers)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_c(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rope_c(g, cos, sin, backward=True), None, None
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding of x (B, H, T, D) with cos / sin (B or 1, 1, T, D): the C kernel for
+    fp32 CPU tensors of those shapes (unit stride over D, tables contiguous over T and D),
+    else the spec."""
+    if (x.dim() == 4 and cos.dim() == 4 and cos.shape == sin.shape and x.shape[-1] % 2 == 0
+            and cos.shape[1] == 1 and cos.shape[2:] == x.shape[2:] and cos.shape[0] in (1, x.shape[0])
+            and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.stride(2) == x.shape[-1]
+            and not (cos.requires_grad or sin.requires_grad) and _use_c(x, cos, sin)):
+        return RoPEFunction.apply(x, cos, sin)
+    return rope_reference(x, cos, sin)

@@ -362,6 +362,19 @@ def _tile_width(extent: int, depth: int) -> int:
     return min(extent, (per_tile + 15) // 16 * 16)
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    """This thread's fp32 tile buffer, at least ``numel`` long: kept between calls (grown,
+    never shrunk; at most max(TILE_ELEMS, 16 x depth) weights) instead of a fresh allocation
+    per matmul, which costs page faults and leaves holes in the heap."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_features, transpose=False):
     """The 4-bit linear without bias, W [out_features, in_features] stored 4-bit row-major.
 
@@ -402,7 +415,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
 
     if not transpose:
         rows = _tile_width(N, K)
-        buf = torch.empty(rows * K, dtype=torch.float32)
+        buf = _workspace(rows * K)
         for n0 in range(0, N, rows):
             nr = min(rows, N - n0)
             tile = buf[: nr * K].view(nr, K)
@@ -412,7 +425,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
             torch.mm(x, tile.t(), out=y[:, n0:n0 + nr])
     else:
         cols = _tile_width(K, N)
-        buf = torch.empty(N * cols, dtype=torch.float32)
+        buf = _workspace(N * cols)
         for k0 in range(0, K, cols):
             kc = min(cols, K - k0)
             tile = buf[: N * kc].view(N, kc)

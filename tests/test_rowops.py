@@ -100,6 +100,35 @@ def test_swiglu_float64_gradcheck():
                                     eps=1e-3, atol=1e-3, rtol=1e-3)
 
 
+def _rope_tables(B, T, D, gen):
+    freqs = torch.rand(B, T, D // 2, generator=gen) * 6
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, T, D)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("B,H,T,D,table_batch,transposed", [
+    (1, 1, 1, 2, 1, False), (2, 3, 5, 8, 2, True), (2, 4, 7, 24, 1, True), (4, 9, 33, 64, 4, True),
+    (3, 2, 6, 16, 3, False)])
+def test_rope_matches_reference(path, B, H, T, D, table_batch, transposed):
+    """Values bit-identical to the spec's fp32 expression; gradients equal the float64 ones;
+    x may be the (B, T, H, D) projection seen through a transpose, as in the model."""
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    cos, sin = _rope_tables(table_batch, T, D, gen)
+    base = torch.randn(B, T, H, D, generator=gen) if transposed else torch.randn(B, H, T, D, generator=gen)
+    leaf = base.clone().requires_grad_()
+    x = leaf.transpose(1, 2) if transposed else leaf
+    y = rowops.apply_rope(x, cos, sin)
+    assert (type(y.grad_fn).__name__ == "RoPEFunctionBackward") == (path == "c")
+    assert torch.equal(y.detach(), rowops.rope_reference(x.detach(), cos, sin))
+    g = torch.randn(y.shape, generator=gen)
+    (dx,) = torch.autograd.grad(y, leaf, g)
+    leaf64 = base.double().requires_grad_()
+    x64 = leaf64.transpose(1, 2) if transposed else leaf64
+    (dx64,) = torch.autograd.grad(rowops.rope_reference(x64, cos.double(), sin.double()), leaf64, g.double())
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-6, atol=1e-6)
+
+
 # -- recompute of saved activations ------------------------------------------------------------------
 def _saved_bytes(fn):
     """Bytes of distinct storages autograd keeps for the backward of fn()."""
