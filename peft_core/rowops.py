@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quant import hostpool
 from quant.cpu_kernels import _Loader
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
@@ -71,7 +72,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2 = x.reshape(-1, C)
         if _use_c(x2, weight):
             x2, w = x2.contiguous(), weight.contiguous()
-            y = torch.empty_like(x2)
+            y = hostpool.empty_like(x2)
             rstd = torch.empty(x2.shape[0], dtype=torch.float32)
             _LOADER.get().lt_rmsnorm_fwd_f32(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
                                              x2.shape[0], C, eps, _threads())
@@ -90,7 +91,7 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if _use_c(x2, weight, dy2):
                 dy2 = dy2.contiguous()
-                dx = torch.empty_like(x2)
+                dx = hostpool.empty_like(x2)
                 _LOADER.get().lt_rmsnorm_bwd_f32(x2.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(),
                                                  dy2.data_ptr(), dx.data_ptr(), x2.shape[0], C, _threads())
             else:
@@ -120,7 +121,7 @@ def swiglu_forward(g, u):
     """silu(g) * u without autograd (also the recompute of the MLP's saved activation)."""
     if _use_c(g, u) and g.shape == u.shape:
         g, u = g.contiguous(), u.contiguous()
-        h = torch.empty_like(g)
+        h = hostpool.empty_like(g)
         _LOADER.get().lt_swiglu_fwd_f32(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), _threads())
         return h
     return F.silu(g) * u
@@ -140,7 +141,7 @@ class SwiGLU(torch.autograd.Function):
         g, u = ctx.saved_tensors
         if _use_c(g, u, dy) and g.shape == u.shape == dy.shape:
             g, u, dy = g.contiguous(), u.contiguous(), dy.contiguous()
-            dg, du = torch.empty_like(g), torch.empty_like(u)
+            dg, du = hostpool.empty_like(g), hostpool.empty_like(u)
             _LOADER.get().lt_swiglu_bwd_f32(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
                                             du.data_ptr(), g.numel(), _threads())
             return dg, du
@@ -168,7 +169,7 @@ def _rope_c(x, cos, sin, backward: bool):
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, H, T, D = x.shape
-    out = torch.empty(B, H, T, D, dtype=x.dtype)
+    out = hostpool.empty((B, H, T, D), x.dtype)
     _LOADER.get().lt_rope_f32(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(),
                               cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0,
                               B, H, T, D, int(backward), _threads())

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant import hostpool
+
 
 def cross_entropy_reference(hidden, weight, targets):
     """The spec: full logits, summed loss over all given tokens."""
@@ -53,9 +55,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         mm = _matmul_dtype(hidden.dtype, acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         w_mm = weight.to(mm)
-        dh = torch.empty_like(hidden) if need_h else None
+        cpu = hidden.device.type == "cpu"
+        dh = (hostpool.empty_like(hidden) if cpu else torch.empty_like(hidden)) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        z_buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
+        z_shape = (min(chunk, hidden.shape[0]), weight.shape[0])
+        z_buf = hostpool.empty(z_shape, acc) if cpu else torch.empty(z_shape, dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(mm)
             t = targets[s:s + chunk]
