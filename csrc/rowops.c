@@ -155,3 +155,33 @@ LT_API void lt_rope_f32(const float *x, int64_t sb, int64_t sh, int64_t st, floa
         }
     }
 }
+
+/* Cross-entropy rows, in place: for each row i of z (rows x V) with target t = tgt[i],
+ *   m = max_j z[j];  e[j] = exp(z[j] - m);  s = sum_j e[j]
+ *   lse[i] = m + log(s);  zt[i] = z[t] (before the overwrite)
+ *   z[j] = e[j] / s - (j == t)                      (the gradient of the row's loss)
+ * The row (V floats) stays in L2 across the three passes; the sum is in double. */
+LT_API void lt_xent_rows_f32(float *z, const int64_t *tgt, float *lse, float *zt, int64_t rows, int64_t V,
+                             int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows > 1)
+    for (int64_t i = 0; i < rows; i++) {
+        float *zi = z + i * V;
+        const int64_t t = tgt[i];
+        float m = zi[0];
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < V; j++) m = zi[j] > m ? zi[j] : m;
+        zt[i] = zi[t];
+        double s = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; j++) {
+            const float e = lt_exp(zi[j] - m);
+            zi[j] = e;
+            s += (double)e;
+        }
+        lse[i] = m + (float)log(s);
+        const float inv = (float)(1.0 / s);
+#pragma omp simd
+        for (int64_t j = 0; j < V; j++) zi[j] *= inv;
+        zi[t] -= 1.0f;
+    }
+}

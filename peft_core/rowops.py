@@ -38,6 +38,7 @@ _LOADER = _Loader(SOURCE, {
     "lt_swiglu_fwd_f32": (None, [_P, _P, _P, _I64, _INT]),
     "lt_swiglu_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
     "lt_rope_f32": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
+    "lt_xent_rows_f32": (None, [_P, _P, _P, _P, _I64, _I64, _INT]),
 }, what="C row kernels")
 
 
@@ -200,3 +201,21 @@ def apply_rope(x, cos, sin):
             and not (cos.requires_grad or sin.requires_grad) and _use_c(x, cos, sin)):
         return RoPEFunction.apply(x, cos, sin)
     return rope_reference(x, cos, sin)
+
+
+# -- cross-entropy rows (the kernel of train/chunked_ce.py) ---------------------------------------
+def xent_rows_(z, targets):
+    """For logits z (n, V) fp32 and targets (n,): returns (lse, z_target) and overwrites z with
+    softmax(z) - onehot(targets), the gradient of each row's loss; None when the C kernel
+    cannot run (the caller computes it with PyTorch ops)."""
+    if not (_use_c(z) and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
+            and targets.shape[0] == z.shape[0] and z.shape[1] > 0):
+        return None
+    t = targets.to(torch.int64).contiguous()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= z.shape[1]):
+        raise IndexError(f"target out of range for {z.shape[1]} classes")
+    lse = torch.empty(z.shape[0], dtype=torch.float32)
+    zt = torch.empty(z.shape[0], dtype=torch.float32)
+    _LOADER.get().lt_xent_rows_f32(z.data_ptr(), t.data_ptr(), lse.data_ptr(), zt.data_ptr(),
+                                   z.shape[0], z.shape[1], _threads())
+    return lse, zt
