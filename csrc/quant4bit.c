@@ -206,6 +206,67 @@ static inline void lt_store1(void *out, int64_t t, float v, int kind)
         ((uint16_t *)out)[t] = lt_f32_to_f16(v);
 }
 
+#if LT_AVX2
+/* One block's table lut[c] = code[c] * scale in registers, and 32 weights decoded through
+ * it into LT_NV vectors of LT_VW floats (AVX-512: 2 x 16 by permute; AVX2: 4 x 8 by blend).
+ * Every dequantizing loop below is built on these two. */
+#if LT_AVX512
+#define LT_NV 2
+#define LT_VW 16
+typedef __m512 lt_vec;
+typedef struct { __m512 v; } lt_table;
+#define lt_vfmadd _mm512_fmadd_ps
+#define lt_vload _mm512_loadu_ps
+#define lt_vzero _mm512_setzero_ps
+#else
+#define LT_NV 4
+#define LT_VW 8
+typedef __m256 lt_vec;
+typedef struct { __m256 lo, hi; } lt_table;
+#define lt_vfmadd _mm256_fmadd_ps
+#define lt_vload _mm256_loadu_ps
+#define lt_vzero _mm256_setzero_ps
+#endif
+
+static inline __attribute__((always_inline)) lt_table lt_make_table(const float *code, float scale)
+{
+    lt_table tb;
+#if LT_AVX512
+    tb.v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+#else
+    const __m256 vscale = _mm256_set1_ps(scale);
+    tb.lo = _mm256_mul_ps(_mm256_loadu_ps(code), vscale);
+    tb.hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), vscale);
+#endif
+    return tb;
+}
+
+static inline __attribute__((always_inline)) void lt_decode32(const uint8_t *p, lt_table tb, lt_vec w[LT_NV])
+{
+    __m128i nib_a, nib_b;
+    lt_unpack32(p, &nib_a, &nib_b);
+#if LT_AVX512
+    w[0] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), tb.v);
+    w[1] = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), tb.v);
+#else
+    w[0] = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), tb.lo, tb.hi);
+    w[1] = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), tb.lo, tb.hi);
+    w[2] = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), tb.lo, tb.hi);
+    w[3] = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), tb.lo, tb.hi);
+#endif
+}
+
+/* Store one decoded vector at out + t in the output type `kind`. */
+static inline __attribute__((always_inline)) void lt_store_vec(void *out, int64_t t, lt_vec v, int kind)
+{
+#if LT_AVX512
+    lt_store16(out, t, v, kind);
+#else
+    lt_store8(out, t, v, kind);
+#endif
+}
+#endif
+
 /* ------------------------------------------------------------------------------------ */
 /* Dequantize. */
 
@@ -224,28 +285,13 @@ lt_dequant_segment(const uint8_t *packed, int64_t i0, int64_t n, const float *co
         t = 1;
     }
     const uint8_t *p = packed + ((i0 + t) >> 1); /* element i0 + t is the high nibble of *p */
-#if LT_AVX512
+#if LT_AVX2
     if (t + 32 <= n) {
-        const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+        const lt_table tb = lt_make_table(code, scale);
         for (; t + 32 <= n; t += 32, p += 16) {
-            __m128i nib_a, nib_b;
-            lt_unpack32(p, &nib_a, &nib_b);
-            lt_store16(out, t, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table), kind);
-            lt_store16(out, t + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table), kind);
-        }
-    }
-#elif LT_AVX2
-    if (t + 32 <= n) {
-        const __m256 vscale = _mm256_set1_ps(scale);
-        const __m256 table_lo = _mm256_mul_ps(_mm256_loadu_ps(code), vscale);
-        const __m256 table_hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), vscale);
-        for (; t + 32 <= n; t += 32, p += 16) {
-            __m128i nib_a, nib_b;
-            lt_unpack32(p, &nib_a, &nib_b);
-            lt_store8(out, t + 0, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi), kind);
-            lt_store8(out, t + 8, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi), kind);
-            lt_store8(out, t + 16, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi), kind);
-            lt_store8(out, t + 24, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi), kind);
+            lt_vec w[LT_NV];
+            lt_decode32(p, tb, w);
+            for (int k = 0; k < LT_NV; k++) lt_store_vec(out, t + k * LT_VW, w[k], kind);
         }
     }
 #endif
@@ -265,30 +311,12 @@ lt_dequant_blocks(const uint8_t *packed, const float *absmax, const float *code,
 {
     const uint8_t *p = packed + block * blocksize / 2;
     int64_t t = 0;
-#if LT_AVX512
-    const __m512 code_v = _mm512_loadu_ps(code);
-#else
-    const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
-#endif
     for (int64_t b = 0; b < n_blocks; b++) {
-#if LT_AVX512
-        const __m512 table = _mm512_mul_ps(code_v, _mm512_set1_ps(absmax[block + b]));
-#else
-        const __m256 vscale = _mm256_set1_ps(absmax[block + b]);
-        const __m256 table_lo = _mm256_mul_ps(code_lo, vscale), table_hi = _mm256_mul_ps(code_hi, vscale);
-#endif
+        const lt_table tb = lt_make_table(code, absmax[block + b]);
         for (int64_t j = 0; j < blocksize; j += 32, t += 32, p += 16) {
-            __m128i nib_a, nib_b;
-            lt_unpack32(p, &nib_a, &nib_b);
-#if LT_AVX512
-            lt_store16(out, t, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table), kind);
-            lt_store16(out, t + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table), kind);
-#else
-            lt_store8(out, t + 0, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi), kind);
-            lt_store8(out, t + 8, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi), kind);
-            lt_store8(out, t + 16, lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi), kind);
-            lt_store8(out, t + 24, lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi), kind);
-#endif
+            lt_vec w[LT_NV];
+            lt_decode32(p, tb, w);
+            for (int k = 0; k < LT_NV; k++) lt_store_vec(out, t + k * LT_VW, w[k], kind);
         }
     }
 }
@@ -563,6 +591,20 @@ static inline void lt_axpy4(float *y, const float *alpha, const float *w, int64_
     for (; k < n; k++) y[k] += alpha[0] * w0[k] + alpha[1] * w1[k] + alpha[2] * w2[k] + alpha[3] * w3[k];
 }
 
+#if LT_AVX2
+/* acc[r][k % 2] += x[r, t + 32-chunk] * w for the 32 weights at p (MR rows of x). */
+static inline __attribute__((always_inline)) void
+lt_dot32(const float *x, int64_t ld_x, int64_t t, const uint8_t *p, lt_table tb, lt_vec acc[4][2], const int MR)
+{
+    lt_vec w[LT_NV];
+    lt_decode32(p, tb, w);
+    for (int r = 0; r < MR; r++) {
+        const float *xr = x + r * ld_x + t;
+        for (int k = 0; k < LT_NV; k++) acc[r][k & 1] = lt_vfmadd(lt_vload(xr + k * LT_VW), w[k], acc[r][k & 1]);
+    }
+}
+#endif
+
 /*
  * Fused decode + dot of MR (1..4) rows of x with one row segment of W:
  *   dots[j] = sum_{t < n} x[j * ld_x + t] * w[i0 + t],   w[i] = code[nibble(i)] * absmax[i / bs]
@@ -574,12 +616,9 @@ lt_dot_codes(const float *x, int64_t ld_x, const uint8_t *packed, const float *a
              int64_t blocksize, int64_t i0, int64_t n, float *dots, const int MR)
 {
     float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* the scalar edges of each segment */
-#if LT_AVX512
-    __m512 acc[4][2];
-    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-#elif LT_AVX2
-    __m256 acc[4][2];
-    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+#if LT_AVX2
+    lt_vec acc[4][2];
+    for (int j = 0; j < MR; j++) acc[j][0] = acc[j][1] = lt_vzero();
 #endif
     int64_t block = i0 / blocksize;
     int64_t block_end = (block + 1) * blocksize - i0; /* relative to i0 */
@@ -588,42 +627,9 @@ lt_dot_codes(const float *x, int64_t ld_x, const uint8_t *packed, const float *a
     if (blocksize % 32 == 0 && i0 % blocksize == 0) { /* whole blocks first: the tight loop */
         const uint8_t *p = packed + i0 / 2;
         const int64_t n_blocks = n / blocksize;
-#if LT_AVX512
-        const __m512 code_v = _mm512_loadu_ps(code);
-#else
-        const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
-#endif
         for (int64_t b = 0; b < n_blocks; b++) {
-#if LT_AVX512
-            const __m512 table = _mm512_mul_ps(code_v, _mm512_set1_ps(absmax[block + b]));
-#else
-            const __m256 vscale = _mm256_set1_ps(absmax[block + b]);
-            const __m256 table_lo = _mm256_mul_ps(code_lo, vscale), table_hi = _mm256_mul_ps(code_hi, vscale);
-#endif
-            for (int64_t j = 0; j < blocksize; j += 32, t0 += 32, p += 16) {
-                __m128i nib_a, nib_b;
-                lt_unpack32(p, &nib_a, &nib_b);
-#if LT_AVX512
-                const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table);
-                const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table);
-                for (int r = 0; r < MR; r++) {
-                    acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ld_x + t0), w0, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * ld_x + t0 + 16), w1, acc[r][1]);
-                }
-#else
-                const __m256 w0 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi);
-                const __m256 w1 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi);
-                const __m256 w2 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi);
-                const __m256 w3 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi);
-                for (int r = 0; r < MR; r++) {
-                    const float *xr = x + r * ld_x + t0;
-                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), w1, acc[r][1]);
-                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), w2, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), w3, acc[r][1]);
-                }
-#endif
-            }
+            const lt_table tb = lt_make_table(code, absmax[block + b]);
+            for (int64_t j = 0; j < blocksize; j += 32, t0 += 32, p += 16) lt_dot32(x, ld_x, t0, p, tb, acc, MR);
         }
         block += n_blocks;
         block_end += n_blocks * blocksize;
@@ -638,40 +644,10 @@ lt_dot_codes(const float *x, int64_t ld_x, const uint8_t *packed, const float *a
             t++;
         }
         const uint8_t *p = packed + ((i0 + t) >> 1);
-#if LT_AVX512
+#if LT_AVX2
         if (t + 32 <= end) {
-            const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
-            for (; t + 32 <= end; t += 32, p += 16) {
-                __m128i nib_a, nib_b;
-                lt_unpack32(p, &nib_a, &nib_b);
-                const __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_a), table);
-                const __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib_b), table);
-                for (int j = 0; j < MR; j++) {
-                    acc[j][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * ld_x + t), w0, acc[j][0]);
-                    acc[j][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j * ld_x + t + 16), w1, acc[j][1]);
-                }
-            }
-        }
-#elif LT_AVX2
-        if (t + 32 <= end) {
-            const __m256 vscale = _mm256_set1_ps(scale);
-            const __m256 table_lo = _mm256_mul_ps(_mm256_loadu_ps(code), vscale);
-            const __m256 table_hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), vscale);
-            for (; t + 32 <= end; t += 32, p += 16) {
-                __m128i nib_a, nib_b;
-                lt_unpack32(p, &nib_a, &nib_b);
-                const __m256 w0 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_a), table_lo, table_hi);
-                const __m256 w1 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_a, nib_a)), table_lo, table_hi);
-                const __m256 w2 = lt_lut16_ps(_mm256_cvtepu8_epi32(nib_b), table_lo, table_hi);
-                const __m256 w3 = lt_lut16_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(nib_b, nib_b)), table_lo, table_hi);
-                for (int j = 0; j < MR; j++) {
-                    const float *xj = x + j * ld_x + t;
-                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xj), w0, acc[j][0]);
-                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 8), w1, acc[j][1]);
-                    acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 16), w2, acc[j][0]);
-                    acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xj + 24), w3, acc[j][1]);
-                }
-            }
+            const lt_table tb = lt_make_table(code, scale);
+            for (; t + 32 <= end; t += 32, p += 16) lt_dot32(x, ld_x, t, p, tb, acc, MR);
         }
 #endif
         for (; t + 2 <= end; t += 2, p++) {
