@@ -62,6 +62,7 @@ class TrainSection:
     weight_decay: float = 0.0
     clip: float = 1.0  # 0 disables clipping
     grad_checkpoint: bool = False
+    fsdp: bool = False  # under torchrun: shard the base and adapters over the processes (FSDP2)
     save_every: int = 0
     eval_every: int = 0
     log_every: int = 1
@@ -212,6 +213,10 @@ def load_config(path, overrides=()) -> Config:
     for text in overrides:
         section, key, value = parse_override(text)
         apply_dict(cfg, {section: {key: value}}, "--set")
+    if cfg.train.fsdp and cfg.train.optimizer == "adamw8bit":
+        raise UsageError(f"{path}: train.fsdp", "the 8-bit AdamW quantizes its states in blocks of the "
+                                                "whole tensor, which shards do not hold: use "
+                                                "train.optimizer = \"adamw\" with fsdp")
     # relative data / output paths are relative to the config file's folder
     base = path.resolve().parent
     for sec, key in (("data", "train"), ("data", "eval"), ("eval", "data"), ("train", "out"),

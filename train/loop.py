@@ -16,7 +16,8 @@ optimizer state and the RNG state to resume bit-exactly.
 Launched by torchrun, every process builds the same plan and runs its part of each step's
 micro-batches; gradients and loss are summed over the processes once per optimizer step, so
 the config describes the global batch and the result is that of one process (see
-``Ranks``). Rank 0 alone writes files and prints.
+``Ranks``). Rank 0 alone writes files and prints. With ``[train] fsdp = true`` the base and the
+adapters are sharded over the processes instead of replicated (module ``train.fsdp``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from peft_core.errors import LeantuneError, ModelError, UsageError
 from peft_core.model import make_attn_mask
 from peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
 
+from . import fsdp
 from .chunked_ce import causal_lm_targets, chunked_cross_entropy
 from .config import Config
 from .schedule import lr_factor
@@ -131,11 +133,16 @@ class Ranks:
     would need ``no_sync`` for that, a forward through the wrapped module, which the loop
     does not make, and a forward on every rank, which a short last batch of an epoch may not
     give). A summed buffer is bit-identical on every rank, so clipping, the NaN guard and the
-    optimizer step agree everywhere and the replicas stay equal."""
+    optimizer step agree everywhere and the replicas stay equal.
+
+    ``fsdp``: the model is sharded (``[train] fsdp``, module ``train.fsdp``). Its forwards and
+    backwards are collectives then, so ``part`` and ``eval_loss`` give every rank the same
+    number of them."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
@@ -145,7 +152,8 @@ class Ranks:
         """This rank's part of a step's micro-batches: whole micro-batches, a contiguous run
         of them, when their number splits evenly over the ranks (each is then computed
         exactly as one process computes it); otherwise its contiguous share of the rows of
-        each (a short last batch of an epoch may leave it none)."""
+        each (a short last batch of an epoch may leave it none; under FSDP it then gets the
+        batch's first row with every label masked, which adds nothing but keeps it in step)."""
         if len(micro) % self.world == 0:
             k = len(micro) // self.world
             return micro[self.rank * k:(self.rank + 1) * k]
@@ -156,6 +164,9 @@ class Ranks:
             rows = slice(lo, lo + q + (self.rank < r))
             if rows.stop > rows.start:
                 out.append({key: v[rows] for key, v in b.items()})
+            elif self.fsdp:
+                out.append({key: torch.full_like(v[:1], -100) if key == "labels" else v[:1]
+                            for key, v in b.items()})
         return out
 
     def sum_(self, tensors: list, bucket: int = 1 << 25):
@@ -205,14 +216,15 @@ class Ranks:
             dist.barrier()
 
 
-def launch_ranks() -> Ranks:
-    """Rank, world size and device from torchrun's environment (cuda:LOCAL_RANK on a GPU)."""
+def launch_ranks(fsdp: bool = False) -> Ranks:
+    """Rank, world size and device from torchrun's environment (cuda:LOCAL_RANK on a GPU);
+    ``fsdp`` (``train.fsdp``) shards the model when there is more than one process."""
     env = os.environ
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     device = pick_device()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(env.get("LOCAL_RANK", 0)))
-    return Ranks(rank, world, device)
+    return Ranks(rank, world, device, fsdp=fsdp and world > 1)
 
 
 @contextmanager
@@ -230,6 +242,11 @@ def process_group(ranks: Ranks):
         dist.init_process_group("gloo")
     try:
         yield
+        # A gloo worker thread lets go of a collective's tensors just after the wait returns;
+        # when that needs the GIL while the interpreter shuts down, the process aborts
+        # ("terminate called without an active exception"; seen after FSDP's last gathers,
+        # 2.5% of runs). Waiting in a last barrier, without the GIL, lets them finish first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -294,15 +311,19 @@ def batch_loss_sum(model, batch, chunk: int):
 
 @torch.no_grad()
 def eval_loss(model, plan, chunk: int, device, ranks: Ranks = Ranks()) -> float:
-    """Mean loss per supervised token over the plan's batches (shared out among ranks)."""
+    """Mean loss per supervised token over the plan's batches (shared out among ranks; under
+    FSDP a rank short of a batch runs batch 0 again, uncounted, to stay in step)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(ranks.rank, len(plan), ranks.world):
-        batch = {k: v.to(device) for k, v in plan.batch(0, i).items()}
+    mine = range(ranks.rank, len(plan), ranks.world)
+    rounds = -(-len(plan) // ranks.world) if ranks.fsdp else len(mine)
+    for j in range(rounds):
+        batch = {k: v.to(device) for k, v in plan.batch(0, mine[j] if j < len(mine) else 0).items()}
         loss, n = batch_loss_sum(model, batch, chunk)
-        total += float(loss)
-        count += n
+        if j < len(mine):
+            total += float(loss)
+            count += n
     model.train(was)
     if ranks.world > 1:
         t = torch.tensor([total, count], dtype=torch.float64, device=ranks.device)
@@ -328,7 +349,7 @@ def load_optimizer_tensors(opt, params: dict, tensors: dict):
         name, field = key.rsplit(".", 1)
         if name not in params:
             raise UsageError(key, "optimizer state for a parameter this run does not train")
-        states.setdefault(name, {})[field] = value.to(params[name].device)
+        states.setdefault(name, {})[field] = fsdp.local_like(params[name], value)
     for name, st in states.items():
         opt.state[params[name]] = st
 
@@ -506,7 +527,7 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
 
     Under torchrun (WORLD_SIZE > 1) this runs data-parallel on every process: ``log`` is
     called on rank 0 only, ``on_step`` on every rank."""
-    ranks = launch_ranks()
+    ranks = launch_ranks(fsdp=cfg.train.fsdp)
     if cfg.train.grad_accum % ranks.world and cfg.train.batch_size % ranks.world:
         raise UsageError("train.batch_size", f"the global batch does not split over {ranks.world} "
                                              f"processes (WORLD_SIZE): make batch_size "
@@ -551,6 +572,13 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
     # model, adapter, optimizer
     model, params = build_model(cfg, model_dir, device, dtype)
     model.train()
+    if ranks.fsdp:  # equal replicas, then each rank keeps its shard of them
+        ranks.broadcast_([p.data for p in params.values()])
+        params = fsdp.shard_model(model, ranks)
+        held = ranks.gather(fsdp.packed_bytes(model))  # (bytes held, whole bytes) of each rank
+        log(f"fsdp: sharded over {ranks.world} processes" + (
+            f"; of the {held[0][1] / 2**20:.2f} MiB of packed 4-bit weights they hold "
+            f"{', '.join(f'{h / 2**20:.2f}' for h, _ in held)}" if held[0][1] else ""))
     if ranks.rank:
         torch.manual_seed(cfg.train.seed + ranks.rank)  # its own dropout masks
     decay = [p for n, p in params.items() if p.dim() >= 2]
@@ -573,6 +601,8 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                      (("train", cfg.data.train), ("eval", cfg.data.eval)) if p},
         "versions": versions(), "git_commit": git_commit(), "device": str(device),
         "world_size": ranks.world,
+        **({"fsdp": {"packed_4bit_bytes": held[0][1], "packed_4bit_bytes_per_rank": [h for h, _ in held]}}
+           if ranks.fsdp else {}),
         "total_steps": total, "data_summary": summary.__dict__ if hasattr(summary, "__dict__") else {},
     }
 
@@ -595,7 +625,7 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                                             "(was the adapter config changed?)")
             with torch.no_grad():
                 for n, p in params.items():
-                    p.copy_(saved[n])
+                    p.copy_(fsdp.local_like(p, saved[n]))
             load_optimizer_tensors(opt, params, read_safetensors(ckpt / "optimizer.safetensors"))
             rng = read_safetensors(ckpt / "rng.safetensors")
             mine = f".rank{ranks.rank}" if f"torch_cpu.rank{ranks.rank}" in rng else ""
@@ -611,17 +641,25 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                 metrics_path.write_text("".join(ln + "\n" for ln in kept))
     elif ranks.main and metrics_path.exists():
         metrics_path.unlink()
-    ranks.broadcast_([p.data for p in params.values()])  # equal replicas, as DDP makes them
+    if not ranks.fsdp:
+        ranks.broadcast_([p.data for p in params.values()])  # equal replicas, as DDP makes them
     if ranks.main:
         remove_stale_temps(run_dir)
         write_json(run_dir / "manifest.json", manifest)
 
-    def checkpoint():
-        """checkpoints/step-N, written by rank 0 with every rank's RNG state; the others wait."""
+    def full_state():
+        """(params, opt) as checkpoints hold them: full tensors (under FSDP every rank gathers
+        them, and the model's modules hold them while inside)."""
+        return fsdp.full_state(model, params, opt) if ranks.fsdp else nullcontext((params, opt))
+
+    def checkpoint(gathered=None):
+        """checkpoints/step-N, written by rank 0 with every rank's RNG state; the others wait.
+        ``gathered``: what ``full_state()`` yielded, when the caller holds it already."""
         rng = checkpoint_rng(ranks)
         extra = {"skipped_steps": skipped, "base_model_sha256": base_hash,
                  "base_model": str(model_dir), "micro_batches": step * ga}
-        path = save_checkpoint(run_dir, step, model, params, opt, extra, cfg, rng) if ranks.main else None
+        with nullcontext(gathered) if gathered else full_state() as (full, full_opt):
+            path = save_checkpoint(run_dir, step, model, full, full_opt, extra, cfg, rng) if ranks.main else None
         ranks.barrier()
         return path
 
@@ -639,7 +677,10 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
             micro = [plan.batch(*divmod(step * ga + j, len(plan))) for j in range(ga)]
             n_tok = sum(int((causal_lm_targets(b["labels"], b["doc_ids"]) != -100).sum()) for b in micro)
             loss_total = torch.zeros((), device=device)
-            for b in ranks.part(micro):
+            mine = ranks.part(micro)
+            for j, b in enumerate(mine):
+                if ranks.fsdp:  # reduce-scatter after the step's last backward only
+                    fsdp.set_grad_sync(model, j == len(mine) - 1)
                 b = {k: v.to(device) for k, v in b.items()}
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss_sum, _ = batch_loss_sum(model, b, cfg.train.loss_chunk)
@@ -650,11 +691,13 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                 for p in params.values():
                     if p.grad is None:  # no rows here this step
                         p.grad = torch.zeros_like(p)
-                ranks.sum_([p.grad for p in params.values()] + [loss_total])
+                # (FSDP has reduce-scattered the sharded ones)
+                ranks.sum_([p.grad for p in params.values() if not fsdp.is_sharded(p)] + [loss_total])
             if scaler:
                 scaler.unscale_(opt)
             clip = cfg.train.clip if cfg.train.clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+            clip_ = fsdp.clip_grad_norm_ if ranks.fsdp else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip_(list(params.values()), clip)
             finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
             if finite:
                 if scaler:
@@ -700,23 +743,24 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
     if tty:
         sys.stderr.write("\n")
     if not interrupted:
-        # the checkpoint first: when the export below fails (a full disk), nothing trained is lost
-        final = checkpoint()
-        if not ranks.main:
-            return TrainResult(run_dir, step, last_loss, skipped)
         export = run_dir / ("adapter" if cfg.adapter.kind != "none" else "model")
-        try:
-            if cfg.adapter.kind != "none":
-                from peft_core.adapters import save_adapter
+        with full_state() as gathered:  # under FSDP every rank gathers, once, what rank 0 writes
+            # the checkpoint first: when the export below fails (a full disk), nothing trained is lost
+            final = checkpoint(gathered)
+            if not ranks.main:
+                return TrainResult(run_dir, step, last_loss, skipped)
+            try:
+                if cfg.adapter.kind != "none":
+                    from peft_core.adapters import save_adapter
 
-                save_adapter(model, export, base_model_name_or_path=str(model_dir))
-            else:
-                from peft_core.checkpoint import save_model
+                    save_adapter(model, export, base_model_name_or_path=str(model_dir))
+                else:
+                    from peft_core.checkpoint import save_model
 
-                save_model(model, export, copy_tokenizer_from=model_dir)
-        except OSError as e:
-            raise TrainingAborted(str(export), f"cannot write ({e.strerror or e}); the trained state is "
-                                               f"in {final}: free space and rerun with --resume") from e
+                    save_model(model, export, copy_tokenizer_from=model_dir)
+            except OSError as e:
+                raise TrainingAborted(str(export), f"cannot write ({e.strerror or e}); the trained state is "
+                                                   f"in {final}: free space and rerun with --resume") from e
         manifest.update(final_step=step, skipped_steps=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(run_dir / "manifest.json", manifest)
     return TrainResult(run_dir, step, last_loss, skipped, interrupted)
