@@ -107,8 +107,8 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps: float):
-    """RMSNorm of x's last dimension: ``RMSNormFunction`` when a gradient is wanted, else
-    the kernel's forward alone (inference saves nothing)."""
+    """RMSNorm of x's last dimension through ``RMSNormFunction`` (under no_grad it saves
+    nothing: autograd keeps no graph)."""
     return RMSNormFunction.apply(x, weight, eps)
 
 
