@@ -259,7 +259,9 @@ def worker(provider: str, spec: StepSpec) -> dict:
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
     cuda = spec.device == "cuda"
-    rss_baseline = maxrss_bytes()  # after imports, before the model
+    # after imports, before the model: the current RSS (ru_maxrss would report the parent's
+    # RSS at fork, which Linux carries into the child's high-water mark across exec)
+    rss_baseline = rss_now_bytes() or maxrss_bytes()
     t0 = time.perf_counter()
     step, n_trainable = (_setup_leantune if provider == "leantune" else _setup_peer)(spec)
     if cuda:
