@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from quant import hostpool
 from quant.cpu_kernels import _Loader
+from quant.dispatch import forced_backend
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -45,8 +46,6 @@ _LOADER = _Loader(SOURCE, {
 def _use_c(*tensors) -> bool:
     """The C kernels run when every tensor is fp32 on the CPU and the library builds (and
     ``LEANTUNE_BACKEND`` does not force the reference)."""
-    from quant.dispatch import forced_backend
-
     if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
         return False
     return forced_backend() != "reference" and _LOADER.get() is not None

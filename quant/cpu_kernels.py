@@ -73,7 +73,8 @@ _INFO_SIGNATURES = {"lt_isa_level": (_INT, []), "lt_has_openmp": (_INT, [])}
 class _Loader:
     """Builds and opens the library of one C source once per process; remembers why when it
     cannot. ``signatures``: exported name -> (restype, argtypes); the source must also export
-    ``lt_isa_level`` and ``lt_has_openmp``. ``peft_core/cpu_ops.py`` builds its own source."""
+    ``lt_isa_level`` and ``lt_has_openmp``. ``peft_core/rowops.py`` and ``quant/hostpool.py``
+    build their own sources with it."""
 
     def __init__(self, source: Path, signatures: dict, what: str = "C kernels"):
         self.source, self.signatures, self.what = source, signatures, what

@@ -68,7 +68,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(mm)
             t = targets[s:s + chunk]
-            rows = torch.arange(h.shape[0], device=h.device)
             # Z = H W^T, into one buffer reused by every chunk
             z = z_buf[:h.shape[0]]
             if mm == acc:
@@ -81,7 +80,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 total += (lse - z_target).sum()
                 dz = z
             else:
-                dz = None
+                rows = torch.arange(h.shape[0], device=h.device)
                 # loss_i = logsumexp(Z_i) - Z_i[y_i], with logsumexp = m + log(sum(exp(Z - m)))
                 z_target = z[rows, t]
                 m = z.amax(dim=-1, keepdim=True)
