@@ -55,7 +55,8 @@ if str(ROOT) not in sys.path:  # `python bench/e2e.py` and the CLI from another 
 from peft_core.errors import LeantuneError, ModelError, UsageError  # noqa: E402
 
 RESULT_MARK = "@@bench.e2e result@@ "
-PROVIDERS = ("leantune", "peer")
+# leantune-graphs: leantune with the decoder trunk replayed as CUDA graphs (train.cuda_graphs)
+PROVIDERS = ("leantune", "leantune-graphs", "peer")
 PEER_PACKAGES = ("transformers", "peft", "bitsandbytes")
 SWEEP_AXES = ("seq", "rank", "batch")
 BLOCKSIZE = 64
@@ -147,7 +148,7 @@ def _import_provider(provider: str):
     """Import everything the provider needs before the baseline RSS is read."""
     import torch  # noqa: F401
 
-    if provider == "leantune":
+    if provider.startswith("leantune"):
         import peft_core.adapters  # noqa: F401
         import peft_core.checkpoint  # noqa: F401
         import quant.loading  # noqa: F401
@@ -176,7 +177,7 @@ def _token_batch(spec: StepSpec, vocab: int):
     return torch.randint(0, vocab, (spec.batch, spec.seq), generator=g).to(spec.device)
 
 
-def _setup_leantune(spec: StepSpec):
+def _setup_leantune(spec: StepSpec, graphs: bool = False):
     import torch
 
     from peft_core.adapters import AdapterConfig, inject_adapter
@@ -194,9 +195,14 @@ def _setup_leantune(spec: StepSpec):
     ids = _token_batch(spec, model.config.vocab_size)  # (B, T)
     batch = {"input_ids": ids, "labels": ids, "doc_ids": torch.zeros_like(ids),
              "position_ids": torch.arange(spec.seq, device=ids.device).expand_as(ids)}
+    trunk = None
+    if graphs:
+        from train.cuda_graphs import GraphedTrunk
+
+        trunk = GraphedTrunk(model.model, log=lambda msg: print(msg, file=sys.stderr))
 
     def step():
-        loss_sum, n_tok = batch_loss_sum(model, batch, spec.chunk)  # summed over B x (T-1)
+        loss_sum, n_tok = batch_loss_sum(model, batch, spec.chunk, trunk)  # summed over B x (T-1)
         loss = loss_sum / n_tok
         loss.backward()
         opt.step()
@@ -263,7 +269,10 @@ def worker(provider: str, spec: StepSpec) -> dict:
     # RSS at fork, which Linux carries into the child's high-water mark across exec)
     rss_baseline = rss_now_bytes() or maxrss_bytes()
     t0 = time.perf_counter()
-    step, n_trainable = (_setup_leantune if provider == "leantune" else _setup_peer)(spec)
+    if provider == "leantune-graphs" and not cuda:
+        raise UsageError("--providers", "leantune-graphs needs a CUDA device")
+    step, n_trainable = (_setup_peer(spec) if provider == "peer"
+                         else _setup_leantune(spec, graphs=provider == "leantune-graphs"))
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -599,7 +608,8 @@ def add_derived(rows: list[dict], cfg: dict, machine: dict | None, elem_bytes: i
     by_key = {(r["batch"], r["seq"], r["rank"], r["provider"]): r for r in rows}
     for row in rows:
         peer = by_key.get((row["batch"], row["seq"], row["rank"], "peer"))
-        if row["provider"] != "leantune" or peer is None or "median_s" not in row or "median_s" not in peer:
+        if (not row["provider"].startswith("leantune") or peer is None or "median_s" not in row
+                or "median_s" not in peer):
             continue
         row["speedup_vs_peer"] = peer["median_s"] / row["median_s"]
         row["time_ratio_vs_peer"] = row["median_s"] / peer["median_s"]
@@ -791,8 +801,8 @@ def write_plots(run: dict, stem: Path, base: StepSpec) -> list[Path]:
         labels = [r["provider"] for r in rows]
         ax_t.bar(xs, [r["median_s"] for r in rows],
                  yerr=[[r["median_s"] - r["q20_s"] for r in rows], [r["q80_s"] - r["median_s"] for r in rows]],
-                 capsize=4, color=["C0" if p == "leantune" else "C1" for p in labels])
-        ax_m.bar(xs, [r[mem_key] / 1e9 for r in rows], color=["C0" if p == "leantune" else "C1" for p in labels])
+                 capsize=4, color=[f"C{PROVIDERS.index(p)}" for p in labels])
+        ax_m.bar(xs, [r[mem_key] / 1e9 for r in rows], color=[f"C{PROVIDERS.index(p)}" for p in labels])
         for ax, ylabel in ((ax_t, "step time (s)"), (ax_m, mem_label)):
             ax.set_xticks(list(xs), labels)
             ax.set_ylabel(ylabel)
@@ -894,6 +904,9 @@ def run_bench(opts) -> tuple[dict, StepSpec]:
     if "peer" in providers and missing:
         providers.remove("peer")
         notes.append(f"peer skipped: {', '.join(missing)} not installed")
+    if device != "cuda" and "leantune-graphs" in providers:
+        providers.remove("leantune-graphs")
+        notes.append("leantune-graphs skipped: CUDA graphs need a CUDA device")
     if not providers:
         raise UsageError("--providers", "nothing to measure (the peer's packages are not installed)")
     model_dir, model_name = resolve_model(opts)
@@ -972,7 +985,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (fresh processes)")
     p.add_argument("--sweep", action="append", metavar="AXIS=V1,V2",
                    help=f"vary one of {', '.join(SWEEP_AXES)} with the others at the base (repeatable)")
-    p.add_argument("--providers", default="leantune,peer", help="comma-separated: leantune, peer")
+    p.add_argument("--providers", default="leantune,peer", help="comma-separated: leantune, leantune-graphs (CUDA), peer")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--chunk", type=int, default=256, help="leantune's cross-entropy chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)

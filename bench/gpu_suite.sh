@@ -14,7 +14,8 @@
 #   WHEELS    a folder of wheels to install first, --no-deps (bitsandbytes is not in the
 #             device image; without it the peer side is skipped and noted in the results)
 #   SHAPES    e2e model shapes (default "1b 3b 8b"), SEQ (2048), BATCH (1), RANK (16),
-#             STEPS (3), ROUNDS (1), E2E_ARGS (more `python -m bench.e2e` arguments,
+#             STEPS (3), ROUNDS (1), PROVIDERS (leantune,leantune-graphs,peer),
+#             E2E_ARGS (more `python -m bench.e2e` arguments,
 #             e.g. "--sweep seq=512,1024,2048,4096,8192")
 #   RESULTS   where results are written (default bench/results)
 #   OUT       if set (the device tool sets it), a tarball of the results and logs is left
@@ -35,6 +36,7 @@ RANK=${RANK:-16}
 STEPS=${STEPS:-3}
 ROUNDS=${ROUNDS:-1}
 E2E_ARGS=${E2E_ARGS:-}
+PROVIDERS=${PROVIDERS:-leantune,leantune-graphs,peer}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 status=0
@@ -80,7 +82,8 @@ run_stage() {
             say "end to end: llama-$shape random, batch $BATCH x seq $SEQ, r$RANK"
             # shellcheck disable=SC2086
             "$PY" -m bench.e2e --random-shape "$shape" --seq "$SEQ" --batch "$BATCH" --rank "$RANK" \
-                --steps "$STEPS" --rounds "$ROUNDS" --out "$RESULTS" --tag "$shape" -v $E2E_ARGS \
+                --steps "$STEPS" --rounds "$ROUNDS" --out "$RESULTS" --tag "$shape" -v \
+                --providers "$PROVIDERS" $E2E_ARGS \
                 2>&1 | tee "$LOGS/e2e-$shape.log"
             [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         done

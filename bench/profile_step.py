@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--random-shape", choices=list(e2e.SHAPES),
                     help="a random-weight Llama of this shape (default: the embedded SmolLM2)")
     ap.add_argument("--model", help="a model folder instead")
-    ap.add_argument("--provider", default="leantune", choices=["leantune", "peer"])
+    ap.add_argument("--provider", default="leantune", choices=list(e2e.PROVIDERS))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     spec = e2e.StepSpec(model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
                         dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
     e2e._import_provider(args.provider)
-    step, _ = (e2e._setup_leantune if args.provider == "leantune" else e2e._setup_peer)(spec)
+    step, _ = (e2e._setup_peer(spec) if args.provider == "peer"
+               else e2e._setup_leantune(spec, graphs=args.provider == "leantune-graphs"))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         step()

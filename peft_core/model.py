@@ -111,8 +111,7 @@ class Attention(nn.Module):
         # elsewhere they are expanded so the fused GPU kernels accept them.
         gqa = self.n_kv != self.n_head
         if gqa and q.device.type != "cpu":
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            k, v = _repeat_kv(k, self.n_head // self.n_kv), _repeat_kv(v, self.n_head // self.n_kv)
             gqa = False
         if attn_mask is None:
             # causal; with a cache the T new queries see every cached key before them
@@ -124,6 +123,14 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, C)
         return self.o_proj(y)
+
+
+def _repeat_kv(t, rep: int):
+    """(B, nkv, S, hd) -> (B, nkv * rep, S, hd), each head ``rep`` times in a row (what
+    ``repeat_interleave(rep, dim=1)`` gives), as expand + reshape: no host sync, so it can sit
+    inside a CUDA graph capture."""
+    B, nkv, S, hd = t.shape
+    return t[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nkv * rep, S, hd)
 
 
 class MLP(nn.Module):

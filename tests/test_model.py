@@ -187,3 +187,12 @@ def test_swiglu_function_matches_autograd():
     got = torch.autograd.grad(SwiGLU.apply(g, u), (g, u), dy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_repeat_kv_is_repeat_interleave_on_the_head_axis():
+    # the GPU attention path expands kv heads with it (no host sync inside a CUDA graph)
+    from peft_core.model import _repeat_kv
+
+    t = torch.randn(2, 3, 5, 4)
+    for rep in (1, 2, 4):
+        assert torch.equal(_repeat_kv(t, rep), t.repeat_interleave(rep, dim=1))

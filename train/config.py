@@ -63,6 +63,7 @@ class TrainSection:
     clip: float = 1.0  # 0 disables clipping
     grad_checkpoint: bool = False
     fsdp: bool = False  # under torchrun: shard the base and adapters over the processes (FSDP2)
+    cuda_graphs: bool = False  # replay the decoder trunk's forward/backward as CUDA graphs (GPU)
     save_every: int = 0
     eval_every: int = 0
     log_every: int = 1
@@ -217,6 +218,10 @@ def load_config(path, overrides=()) -> Config:
         raise UsageError(f"{path}: train.fsdp", "the 8-bit AdamW quantizes its states in blocks of the "
                                                 "whole tensor, which shards do not hold: use "
                                                 "train.optimizer = \"adamw\" with fsdp")
+    if cfg.train.cuda_graphs and (cfg.train.fsdp or cfg.train.grad_checkpoint):
+        other = "fsdp" if cfg.train.fsdp else "grad_checkpoint"
+        raise UsageError(f"{path}: train.cuda_graphs", f"does not combine with train.{other} "
+                                                       "(turn one of them off)")
     # relative data / output paths are relative to the config file's folder
     base = path.resolve().parent
     for sec, key in (("data", "train"), ("data", "eval"), ("eval", "data"), ("train", "out"),

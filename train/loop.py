@@ -295,14 +295,16 @@ def build_model(cfg: Config, model_dir: Path, device, dtype):
     return model, params
 
 
-def batch_loss_sum(model, batch, chunk: int):
-    """Summed next-token loss over supervised tokens of one micro-batch, and their count."""
+def batch_loss_sum(model, batch, chunk: int, trunk=None):
+    """Summed next-token loss over supervised tokens of one micro-batch, and their count.
+
+    ``trunk``: what runs ``model.model`` (a ``train.cuda_graphs.GraphedTrunk``); default eager."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     doc_ids, position_ids = batch["doc_ids"], batch["position_ids"]
     B, T = input_ids.shape
     multi_doc = bool((doc_ids[:, 1:] != doc_ids[:, :-1]).any())
     mask = make_attn_mask(T, doc_ids=doc_ids, device=input_ids.device) if multi_doc else None
-    hidden = model.model(input_ids, position_ids, mask)  # (B, T, C)
+    hidden = (trunk or model.model)(input_ids, position_ids, mask)  # (B, T, C)
     targets = causal_lm_targets(labels, doc_ids)  # (B, T-1)
     keep = targets != -100
     h = hidden[:, :-1][keep]  # (N, C) supervised positions only
@@ -590,8 +592,18 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
 
         opt = AdamW8bit(groups, lr=cfg.train.lr)
     else:
-        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=False)
+        # on a GPU the multi-tensor (foreach) update: a few launches for all the adapters
+        # instead of about ten a tensor; on the CPU the per-tensor loop (what runs there today)
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    trunk = None
+    if cfg.train.cuda_graphs:
+        if device.type == "cuda":
+            from train.cuda_graphs import GraphedTrunk
+
+            trunk = GraphedTrunk(model.model, log)
+        else:
+            log(f"cuda graphs: train.cuda_graphs is set but the device is {device.type}; running eagerly")
 
     base_hash = model_fingerprint(model_dir)
     manifest = {
@@ -682,8 +694,11 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                 if ranks.fsdp:  # reduce-scatter after the step's last backward only
                     fsdp.set_grad_sync(model, j == len(mine) - 1)
                 b = {k: v.to(device) for k, v in b.items()}
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss_sum, _ = batch_loss_sum(model, b, cfg.train.loss_chunk)
+                # (no autocast weight cache: the model is in the compute dtype already, and a
+                # CUDA graph capture refuses the cache)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32,
+                                    cache_enabled=False):
+                    loss_sum, _ = batch_loss_sum(model, b, cfg.train.loss_chunk, trunk)
                 loss = loss_sum / max(n_tok, 1)  # normalised by the whole accumulated batch
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_total += loss.detach()
