@@ -20,6 +20,7 @@ and versions. Without CUDA it prints a line and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -136,6 +137,21 @@ def measure_copy_gbps(rec: Recorder, nbytes: int = 1 << 30) -> float:
     return gbps
 
 
+@contextlib.contextmanager
+def _lut(registers):
+    """The fused kernels' code lookup: PTX in registers (True), the table in memory (False),
+    or as configured (None)."""
+    from quant import triton_matmul
+
+    was = triton_matmul.LUT_IN_REGISTERS
+    if registers is not None:
+        triton_matmul.LUT_IN_REGISTERS = registers
+    try:
+        yield
+    finally:
+        triton_matmul.LUT_IN_REGISTERS = was
+
+
 def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None:
     from quant import functional as F
     from quant.triton_matmul import matmul_4bit_triton
@@ -153,11 +169,13 @@ def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None
 
     w_deq = F.dequantize_4bit(packed, state, torch.float32)
     ref = x.float() @ (w_deq if transpose else w_deq.T)
-    variants = [("triton fused 4-bit", True)] + ([("leantune dispatch", None)] if m > 1 else [])
+    variants = [("triton fused 4-bit", True, False), ("triton fused 4-bit, LUT in registers", True, True)]
+    variants += [("leantune dispatch", None, None)] if m > 1 else []
     t = None
-    for provider, fused_flag in variants:
+    for provider, fused_flag, lut in variants:
         fn = lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=fused_flag)  # noqa: E731
-        t_v = _bench(fn)
+        with _lut(lut):
+            t_v = _bench(fn)
         rel_err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
         derived = dict(tflops=flops / (t_v[0] * 1e-3) / 1e12, rel_err=rel_err)
         if m == 1:
@@ -193,12 +211,16 @@ def bench_crossover(rec: Recorder, ms, n: int = 4096, k: int = 4096) -> None:
     for transpose in (False, True):
         for m in ms:
             x = torch.randn(m, n if transpose else k, device="cuda", dtype=torch.bfloat16)
-            t_f = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True))
+            with _lut(True):
+                t_r = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True))
+            with _lut(False):
+                t_f = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True))
             t_u = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=False))
             t_d = _bench((lambda: x @ w) if transpose else (lambda: x @ w.T))
             rec.add("crossover_bwd" if transpose else "crossover", "fused / unfused / dense",
                     (m, n, k), t_f, unfused_ms=t_u[0], dense_ms=t_d[0], fused_over_unfused=t_f[0] / t_u[0],
-                    best_over_dense=min(t_f[0], t_u[0]) / t_d[0])
+                    fused_registers_ms=t_r[0], fused_registers_over_unfused=t_r[0] / t_u[0],
+                    best_over_dense=min(t_f[0], t_r[0], t_u[0]) / t_d[0])
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import torch  # noqa: E402
+
 from quant import triton_matmul as TM  # noqa: E402
+from quant.functional import get_code  # noqa: E402
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+LUT = {"bf16": TM.nibble_lut_asm(get_code("nf4", "cpu"), torch.bfloat16)}  # the PTX table lookup
 
 
 def _matmul_jobs(quick: bool):
@@ -41,15 +45,19 @@ def _matmul_jobs(quick: bool):
                            "nested_offset": "fp32"}
                     const = dict(TRANSPOSE=transpose, QBLOCK=64, NESTED=True, NESTED_QBLOCK=256,
                                  EVEN_K=even_k, ROW_ALIGNED=row_aligned,
-                                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32", **c.kwargs)
+                                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                                 LUT_ASM="" if dt == "fp32" else LUT["bf16"], **c.kwargs)
                     yield (TM._matmul_4bit_kernel, sig, const, c.num_warps, c.num_stages,
                            f"matmul {dt} T={transpose} even={even_k} aligned={row_aligned} {c}")
     for c in (TM._gemv_configs()[:2] if quick else TM._gemv_configs()):
         sig = {"x_ptr": "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32",
                "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "y_ptr": "*bf16",
                "N": "i32", "K": "i32", "stride_xk": "i32", "stride_yn": "i32", "nested_offset": "fp32"}
-        const = dict(QBLOCK=64, NESTED=True, NESTED_QBLOCK=256, EVEN_K=True, ROW_ALIGNED=True, **c.kwargs)
-        yield TM._gemv_4bit_kernel, sig, const, c.num_warps, c.num_stages, f"gemv {c}"
+        for lut in ("", LUT["bf16"]):
+            const = dict(QBLOCK=64, NESTED=True, NESTED_QBLOCK=256, EVEN_K=True, ROW_ALIGNED=True,
+                         LUT_ASM=lut, **c.kwargs)
+            yield (TM._gemv_4bit_kernel, sig, const, c.num_warps, c.num_stages,
+                   f"gemv lut={'registers' if lut else 'memory'} {c}")
 
 
 def _compile(fn, sig, const, warps, stages, arch):

@@ -234,6 +234,29 @@ def test_matmul_empty_batch():
 
 
 # ------------------------------------------------------------------------------------------
+# the register lookup's PTX (GPU-only code), run by a PTX emulator of the ops it uses
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_nibble_lut_asm_gives_the_table_values(quant_type, dtype):
+    code = F.get_code(quant_type, "cpu")
+    asm = triton_matmul.nibble_lut_asm(code, dtype)
+    table = (code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+    g = torch.Generator().manual_seed(0)
+    # every byte value in every lane, then random words
+    words = [b * 0x01010101 for b in range(256)]
+    words += [b | (255 - b) << 8 | ((b * 7) & 255) << 16 | ((b * 13 + 5) & 255) << 24 for b in range(256)]
+    words += torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64).tolist()
+    for word in words:
+        hi, lo = triton_matmul.emulate_nibble_lut(asm, word)
+        bs = word.to_bytes(4, "little")
+        assert hi == [table[b >> 4] for b in bs] and lo == [table[b & 15] for b in bs], hex(word)
+    # the asm's constants are the table: another table gives other text
+    assert triton_matmul.nibble_lut_asm(F.get_code("fp4" if quant_type == "nf4" else "nf4", "cpu"),
+                                        dtype) != asm
+
+
+# ------------------------------------------------------------------------------------------
 # GPU only: bf16, realistic shapes, the autotuned and small-M paths
 # ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
@@ -294,3 +317,22 @@ def test_gpu_matmul_fp32_ieee():
     x = make_x((300, 768), torch.float32)
     ref, _ = _reference_matmul(x, packed, state, False)
     torch.testing.assert_close(matmul_4bit_triton(x, packed, state), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("lut", ["registers", "memory"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("M", [1, 16, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_fused_kernels_with_either_code_lookup(monkeypatch, lut, transpose, M, dtype):
+    # the PTX register lookup (the default for fp16/bf16) and the table gather in memory
+    monkeypatch.setattr(triton_matmul, "LUT_IN_REGISTERS", lut == "registers")
+    for quant_type in ("nf4", "fp4"):
+        packed, state = make_weight((4096, 2048), 64, quant_type, True)
+        x = make_x((M, 4096 if transpose else 2048), dtype)
+        y = matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True)
+        ref32, eager = _reference_matmul(x, packed, state, transpose)
+        assert _rel_err(y, ref32) <= 1e-2
+        err = (y.float() - ref32).abs().max().item()
+        assert err <= 2 * (eager.float() - ref32).abs().max().item(), (quant_type, err)
