@@ -985,7 +985,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (fresh processes)")
     p.add_argument("--sweep", action="append", metavar="AXIS=V1,V2",
                    help=f"vary one of {', '.join(SWEEP_AXES)} with the others at the base (repeatable)")
-    p.add_argument("--providers", default="leantune,peer", help="comma-separated: leantune, leantune-graphs (CUDA), peer")
+    p.add_argument("--providers", default="leantune,peer",
+                   help="comma-separated: leantune, leantune-graphs (CUDA), peer")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--chunk", type=int, default=256, help="leantune's cross-entropy chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)

@@ -414,8 +414,8 @@ def inject_nan(monkeypatch, loss_steps=(), grad_steps=()):
     done = [0]
     real_loss, real_clip = loop.batch_loss_sum, torch.nn.utils.clip_grad_norm_
 
-    def loss(model, batch, chunk):
-        value, n = real_loss(model, batch, chunk)
+    def loss(model, batch, chunk, trunk=None):
+        value, n = real_loss(model, batch, chunk, trunk)
         return (value * float("nan") if done[0] + 1 in loss_steps else value), n
 
     def clip(params, max_norm, *a, **kw):
