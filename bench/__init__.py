@@ -1,5 +1,3 @@
-"""Benchmarks: ``bench/bench_<op>.py`` micro-benchmarks and the end-to-end harness ``bench.e2e``.
-
-A package only so that ``from bench.e2e import ...`` and ``python -m bench.e2e`` work from
-the repository root; it is not part of the installed distribution.
-"""
+"""Benchmarks: ``bench/bench_<op>.py`` micro-benchmarks and the end-to-end harness
+``leantune.bench.e2e`` (also ``leantune bench``), shipped with the package so that the CLI's
+``bench`` subcommand works from a wheel."""

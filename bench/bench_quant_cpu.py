@@ -31,11 +31,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from quant import cpu_kernels  # noqa: E402
-from quant import functional as ref  # noqa: E402
-from quant.state import QuantState  # noqa: E402
+from leantune.quant import cpu_kernels  # noqa: E402
+from leantune.quant import functional as ref  # noqa: E402
+from leantune.quant.state import QuantState  # noqa: E402
 
 try:
     import warnings

@@ -33,7 +33,6 @@ import sys
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 QUANTILES = [0.5, 0.2, 0.8]
 
@@ -68,7 +67,7 @@ def _bnb():
 
 def _quantize(w: torch.Tensor, blocksize: int = 64):
     """(packed, QuantState) of ``w`` with NF4 + double quantization, via the reference."""
-    from quant import functional as F
+    from leantune.quant import functional as F
 
     packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", double_quant=True)
     return packed.to(w.device), state.to(w.device)
@@ -99,8 +98,8 @@ class Recorder:
 
 
 def bench_dequant(rec: Recorder, shapes, copy_gbps: float, sweep: bool = True) -> None:
-    from quant import triton_dequant
-    from quant.triton_dequant import dequantize_4bit_triton
+    from leantune.quant import triton_dequant
+    from leantune.quant.triton_dequant import dequantize_4bit_triton
 
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -141,7 +140,7 @@ def measure_copy_gbps(rec: Recorder, nbytes: int = 1 << 30) -> float:
 def _lut(registers):
     """The fused kernels' code lookup: PTX in registers (True), the table in memory (False),
     or as configured (None)."""
-    from quant import triton_matmul
+    from leantune.quant import triton_matmul
 
     was = triton_matmul.LUT_IN_REGISTERS
     if registers is not None:
@@ -153,8 +152,8 @@ def _lut(registers):
 
 
 def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None:
-    from quant import functional as F
-    from quant.triton_matmul import matmul_4bit_triton
+    from leantune.quant import functional as F
+    from leantune.quant.triton_matmul import matmul_4bit_triton
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     packed, state = _quantize(w)
@@ -204,7 +203,7 @@ def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None
 
 def bench_crossover(rec: Recorder, ms, n: int = 4096, k: int = 4096) -> None:
     """Fused kernel vs Triton dequantize + cuBLAS over M (forward and transposed), bf16."""
-    from quant.triton_matmul import matmul_4bit_triton
+    from leantune.quant.triton_matmul import matmul_4bit_triton
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     packed, state = _quantize(w)

@@ -5,14 +5,14 @@ step time (median and 20 % / 80 % quantiles), tokens/s, peak memory (RSS on the 
 allocator's peak on a GPU), roofline columns (achieved FLOP/s and GB/s against this machine's
 matmul rate and copy bandwidth, measured in the same run), and leantune's ratios to the peer.
 
-    python -m bench.e2e                                  # the CPU target: SmolLM2-135M, 4 x 256, r16
-    python -m bench.e2e --steps 3 --rounds 2             # the committed measurement
-    python -m bench.e2e --sweep seq=256,512,1024 --sweep rank=8,64,256 --sweep batch=1,4
-    python -m bench.e2e --random-shape 8b --seq 2048 --batch 1        # on a GPU
+    python -m leantune.bench.e2e                                  # the CPU target: SmolLM2-135M, 4 x 256, r16
+    python -m leantune.bench.e2e --steps 3 --rounds 2             # the committed measurement
+    python -m leantune.bench.e2e --sweep seq=256,512,1024 --sweep rank=8,64,256 --sweep batch=1,4
+    python -m leantune.bench.e2e --random-shape 8b --seq 2048 --batch 1        # on a GPU
     leantune bench ...                                   # the same, through the CLI
 
 Design:
-- Every measurement runs in its own subprocess (``python -m bench.e2e --worker PROVIDER
+- Every measurement runs in its own subprocess (``python -m leantune.bench.e2e --worker PROVIDER
   --json-args SPEC``), so a provider's peak RSS is its own and no allocator state is shared.
   The worker imports its libraries, reads the baseline RSS, loads the model, runs ``warmup``
   untimed steps and ``steps`` timed ones, and prints one JSON line.
@@ -48,11 +48,9 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/e2e.py` and the CLI from another folder
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the source tree (or the installed package)
 
-from peft_core.errors import LeantuneError, ModelError, UsageError  # noqa: E402
+from leantune.base import LeantuneError, ModelError, UsageError
 
 RESULT_MARK = "@@bench.e2e result@@ "
 # leantune-graphs: leantune with the decoder trunk replayed as CUDA graphs (train.cuda_graphs)
@@ -149,10 +147,10 @@ def _import_provider(provider: str):
     import torch  # noqa: F401
 
     if provider.startswith("leantune"):
-        import peft_core.adapters  # noqa: F401
-        import peft_core.checkpoint  # noqa: F401
-        import quant.loading  # noqa: F401
-        import train.loop  # noqa: F401
+        import leantune.peft_core.adapters  # noqa: F401
+        import leantune.peft_core.checkpoint  # noqa: F401
+        import leantune.peft_core.quant_loading  # noqa: F401
+        import leantune.train.loop  # noqa: F401
     else:
         import warnings
 
@@ -180,9 +178,9 @@ def _token_batch(spec: StepSpec, vocab: int):
 def _setup_leantune(spec: StepSpec, graphs: bool = False):
     import torch
 
-    from peft_core.adapters import AdapterConfig, inject_adapter
-    from peft_core.checkpoint import load_model, resolve_dtype
-    from train.loop import batch_loss_sum
+    from leantune.peft_core.adapters import AdapterConfig, inject_adapter
+    from leantune.peft_core.checkpoint import load_model, resolve_dtype
+    from leantune.train.loop import batch_loss_sum
 
     model = load_model(spec.model_dir, dtype=resolve_dtype(spec.dtype), device=spec.device, quant="nf4",
                        quant_options={"blocksize": BLOCKSIZE, "double_quant": True})
@@ -197,7 +195,7 @@ def _setup_leantune(spec: StepSpec, graphs: bool = False):
              "position_ids": torch.arange(spec.seq, device=ids.device).expand_as(ids)}
     trunk = None
     if graphs:
-        from train.cuda_graphs import GraphedTrunk
+        from leantune.train.cuda_graphs import GraphedTrunk
 
         trunk = GraphedTrunk(model.model, log=lambda msg: print(msg, file=sys.stderr))
 
@@ -318,7 +316,7 @@ def _worker_entry(provider: str, raw: str) -> int:
 # the parent: model folder, workers, summaries
 # ------------------------------------------------------------------------------------------
 def _cache_dir() -> Path:
-    from peft_core.embedded import cache_dir
+    from leantune.peft_core.embedded import cache_dir
 
     return cache_dir()
 
@@ -331,7 +329,7 @@ def write_random_model(out_dir, shape: str, seed: int = 0, dtype=None) -> Path:
     Generated on the GPU when there is one (an 8B model is 16 GB of bf16)."""
     import torch
 
-    from peft_core.safetensors_io import write_safetensors
+    from leantune.peft_core.safetensors_io import write_safetensors
 
     if shape not in SHAPES:
         raise UsageError("--random-shape", f"unknown shape {shape!r} (choose {', '.join(SHAPES)})")
@@ -420,19 +418,18 @@ def resolve_model(opts) -> tuple[Path, str]:
         shape = opts.random_shape
         return write_random_model(_cache_dir() / "bench-models" / f"llama-{shape}-random-seed0", shape), \
             f"llama-{shape}-random"
-    from peft_core.embedded import DEFAULT_MODEL_NAME, default_model_dir
+    from leantune.peft_core.embedded import DEFAULT_MODEL_NAME, default_model_dir
 
     return default_model_dir(), DEFAULT_MODEL_NAME
 
 
 def run_worker(provider: str, spec: StepSpec, timeout: float) -> dict:
-    """One measurement in a fresh ``python -m bench.e2e --worker`` process."""
-    cmd = [sys.executable, "-m", "bench.e2e", "--worker", provider, "--json-args", json.dumps(asdict(spec))]
+    """One measurement in a fresh ``python -m leantune.bench.e2e --worker`` process."""
+    cmd = [sys.executable, "-m", "leantune.bench.e2e", "--worker", provider, "--json-args", json.dumps(asdict(spec))]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"provider": provider, "error": f"worker timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -832,7 +829,7 @@ def record(run: dict, out_dir: Path, base: StepSpec, tag: str = "", plots: bool 
     tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     os.replace(tmp, path_json)
     md = ["# End-to-end QLoRA training step: leantune vs transformers + PEFT + bitsandbytes", "",
-          "Written by `python -m bench.e2e`; columns in bench/README.md.", ""]
+          "Written by `python -m leantune.bench.e2e`; columns in bench/README.md.", ""]
     md += [markdown_table(r) for r in runs]
     path_md = stem.with_suffix(".md")
     path_md.write_text("\n".join(md))
@@ -993,7 +990,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--roofline", default="full", choices=["full", "quick", "off"],
                    help="measure copy bandwidth and matmul rate (quick: small sizes, for smoke tests)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker before it is killed")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix of the result files' names")
     p.add_argument("--no-record", action="store_true", help="print the table only, write nothing")
     p.add_argument("--no-plots", action="store_true")
@@ -1029,12 +1026,12 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker"]:
-        wp = argparse.ArgumentParser(prog="bench.e2e --worker")
+        wp = argparse.ArgumentParser(prog="leantune.bench.e2e --worker")
         wp.add_argument("--worker", choices=PROVIDERS, required=True)
         wp.add_argument("--json-args", required=True)
         w = wp.parse_args(argv)
         return _worker_entry(w.worker, w.json_args)
-    p = add_bench_arguments(argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0]))
+    p = add_bench_arguments(argparse.ArgumentParser(prog="python -m leantune.bench.e2e", description=__doc__.split("\n\n")[0]))
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     try:

@@ -15,7 +15,7 @@
 #             device image; without it the peer side is skipped and noted in the results)
 #   SHAPES    e2e model shapes (default "1b 3b 8b"), SEQ (2048), BATCH (1), RANK (16),
 #             STEPS (3), ROUNDS (1), PROVIDERS (leantune,leantune-graphs,peer),
-#             E2E_ARGS (more `python -m bench.e2e` arguments,
+#             E2E_ARGS (more `python -m leantune.bench.e2e` arguments,
 #             e.g. "--sweep seq=512,1024,2048,4096,8192")
 #   RESULTS   where results are written (default bench/results)
 #   OUT       if set (the device tool sets it), a tarball of the results and logs is left
@@ -24,7 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# the source tree imports as `leantune` without an install: a link named leantune to it
+SHIM=$(mktemp -d)
+ln -s "$ROOT" "$SHIM/leantune"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
 RESULTS=${RESULTS:-bench/results}
@@ -81,7 +84,7 @@ run_stage() {
         for shape in $SHAPES; do
             say "end to end: llama-$shape random, batch $BATCH x seq $SEQ, r$RANK"
             # shellcheck disable=SC2086
-            "$PY" -m bench.e2e --random-shape "$shape" --seq "$SEQ" --batch "$BATCH" --rank "$RANK" \
+            "$PY" -m leantune.bench.e2e --random-shape "$shape" --seq "$SEQ" --batch "$BATCH" --rank "$RANK" \
                 --steps "$STEPS" --rounds "$ROUNDS" --out "$RESULTS" --tag "$shape" -v \
                 --providers "$PROVIDERS" $E2E_ARGS \
                 2>&1 | tee "$LOGS/e2e-$shape.log"

@@ -4,8 +4,8 @@ Prints the top kernels/ops by self device time (or CPU time without CUDA) and th
 wall time against the summed device time (a large gap means launch-bound or synchronising).
 Uses the same setup as ``bench/e2e.py`` (random-weight Llama shapes, same batch and LoRA).
 
-    python -m bench.profile_step --random-shape 1b --seq 2048 [--provider leantune|peer] [--top 25]
-    python -m bench.profile_step --batch 4 --seq 256        # the embedded SmolLM2, CPU target shape
+    python -m leantune.bench.profile_step --random-shape 1b --seq 2048 [--provider leantune|peer] [--top 25]
+    python -m leantune.bench.profile_step --batch 4 --seq 256        # the embedded SmolLM2, CPU target shape
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench import e2e
+from leantune.bench import e2e
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ import unicodedata
 
 import numpy as np
 
-from peft_core.errors import DataError
+from leantune.base import DataError
 
 # the metric names of the [eval] config that score generated text; "json" expands to these keys
 JSON_KEYS = ("json_valid", "json_keys", "json_types", "json_field_acc", "json_exact")

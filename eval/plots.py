@@ -13,9 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from peft_core.errors import DataError
+from leantune.base import DataError
 
-from .metrics import LOWER_IS_BETTER
+from leantune.eval.metrics import LOWER_IS_BETTER
 
 
 @functools.lru_cache(maxsize=1)

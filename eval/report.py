@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import LOWER_IS_BETTER, PRIMARY_ALIASES, bootstrap_ci, paired_bootstrap_diff
+from leantune.eval.metrics import LOWER_IS_BETTER, PRIMARY_ALIASES, bootstrap_ci, paired_bootstrap_diff
 
 BASELINES = ("base", "prompted")
 LABEL_ORDER = ("base", "prompted", "tuned")

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from peft_core.errors import DataError, GateError, UsageError
-from peft_core.generate import generate
-from train.config import Config
-from train.data import BatchPlan, encode_record, read_jsonl, split_for_generation
+from leantune.base import DataError, GateError, UsageError
+from leantune.peft_core.generate import generate
+from leantune.train.config import Config
+from leantune.train.data import BatchPlan, encode_record, read_jsonl, split_for_generation
 
-from .metrics import choice_scores, default_primary, score_items
-from .report import build_report, gate, write_report
+from leantune.eval.metrics import choice_scores, default_primary, score_items
+from leantune.eval.report import build_report, gate, write_report
 
 GENERAL_TEXT = Path(__file__).with_name("general_text.txt")
 
@@ -85,7 +85,7 @@ def generate_outputs(model, tok, prompts: list[list[int]], max_new_tokens: int, 
 
 def heldout_loss(model, tok, records: list[dict], fmt: str, max_len: int, batch_size: int, device) -> float:
     """Mean loss per answer token (the last assistant turn / the completion), as trained."""
-    from train.loop import eval_loss
+    from leantune.train.loop import eval_loss
 
     rows = [e for e in (encode_record(r, tok, fmt, max_len, True, "last_assistant") for r in records) if e]
     if not rows:
@@ -135,10 +135,10 @@ def general_regression(model, tok, text_path, adapter_ctx, device, block: int = 
 def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, tok=None) -> dict:
     """Evaluate; writes ``eval/`` in ``cfg.train.out``; raises GateError (exit 5) when the
     tuned model misses the best baseline by more than ``eval.require_lift``."""
-    from peft_core.adapters import disable_adapters, load_adapter, set_active_adapter
-    from peft_core.checkpoint import load_model
-    from peft_core.tokenizer import Tokenizer
-    from train.loop import compute_dtype_for, pick_device, resolve_model_dir
+    from leantune.peft_core.adapters import disable_adapters, load_adapter, set_active_adapter
+    from leantune.peft_core.checkpoint import load_model
+    from leantune.peft_core.tokenizer import Tokenizer
+    from leantune.train.loop import compute_dtype_for, pick_device, resolve_model_dir
 
     data_path = cfg.eval.data or cfg.data.eval
     if not data_path:
@@ -219,7 +219,7 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
     ok, message = gate(report, cfg.eval.require_lift)
     report["gate"] = {"ok": ok, "message": message, "require_lift": cfg.eval.require_lift}
     write_report(report, out_dir, items, preds)
-    from .plots import plot_loss_curves, plot_metric_comparison
+    from leantune.eval.plots import plot_loss_curves, plot_metric_comparison
 
     if (out_dir / "metrics.jsonl").is_file():
         plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "eval" / "loss.png")

@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from quant.modules import Linear4bit
+from leantune.quant.modules import Linear4bit
 
-from .errors import ModelError, UsageError
-from .lora import BASE, BASE_REWRITING_INITS, INITS, LoraLinear, get_variant
-from .safetensors_io import SafetensorsFile, write_safetensors
+from leantune.base import ModelError, UsageError
+from leantune.peft_core.lora import BASE, BASE_REWRITING_INITS, INITS, LoraLinear, get_variant
+from leantune.peft_core.safetensors_io import SafetensorsFile, write_safetensors
 
 PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
@@ -393,7 +393,7 @@ def adapter_state(model: nn.Module, name: str = "default") -> tuple[dict, int]:
 
 def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_name_or_path: str = "") -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format) to ``out_dir``."""
-    from .checkpoint import write_json
+    from leantune.peft_core.checkpoint import write_json
 
     tensors, factor = adapter_state(model, name)
     cfg = model.adapter_configs[name]
@@ -579,8 +579,8 @@ def merge_and_unload(model: nn.Module, requantize: str | None = None, quant_opti
 
 def requantization_error(model: nn.Module, quant_type: str, blocksize: int = 64, double_quant: bool = True) -> dict:
     """||W - dequant(quant(W))|| / ||W|| for every decoder linear (what ``quantize`` will store)."""
-    from quant import functional as QF
-    from quant.loading import QUANTIZED_LINEAR
+    from leantune.quant import functional as QF
+    from leantune.peft_core.quant_loading import QUANTIZED_LINEAR
 
     errors = {}
     for name, m in model.named_modules():
@@ -599,7 +599,7 @@ def cmd_merge(args, log=print) -> Path:
     the result written as a plain checkpoint in ``--dtype``; with ``--quant`` it is then
     re-quantized to a bitsandbytes 4-bit checkpoint and the relative weight error is reported.
     """
-    from .checkpoint import load_model, resolve_dtype, save_model
+    from leantune.peft_core.checkpoint import load_model, resolve_dtype, save_model
 
     model_dir, out = Path(args.model_dir), Path(args.out_dir)
     try:
@@ -621,7 +621,7 @@ def cmd_merge(args, log=print) -> Path:
         save_model(model, out, dtype=dtype, copy_tokenizer_from=model_dir)
         log(f"merged the adapter into {n} linear layers; wrote {out}")
         return out
-    from quant.serialize import quantize_checkpoint
+    from leantune.peft_core.quant_checkpoint import quantize_checkpoint
 
     errors = requantization_error(model, quant)
     tmp = out.parent / f".{out.name}.merged-tmp"

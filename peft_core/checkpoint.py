@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
-from .errors import ModelError
-from .model import LlamaForCausalLM
-from .safetensors_io import SafetensorsFile, write_safetensors
+from leantune.peft_core.config import ModelConfig
+from leantune.base import ModelError
+from leantune.peft_core.model import LlamaForCausalLM
+from leantune.peft_core.safetensors_io import SafetensorsFile, write_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
@@ -87,7 +87,7 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", quant: str | None =
     files = checkpoint_files(model_dir)
     qcfg = cfg.extra.get("quantization_config")
     if qcfg or quant not in (None, "none"):
-        from quant.loading import load_quantized  # the 4-bit path lives with quant/
+        from leantune.peft_core.quant_loading import load_quantized  # the 4-bit path lives with quant/
 
         return load_quantized(cfg, files, dtype=dtype, device=device, quant=quant,
                               options=quant_options or {})

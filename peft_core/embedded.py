@@ -18,7 +18,7 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The imported SmolLM2 folder, importing it from the package's GGUF the first time."""
-    from .gguf_import import import_gguf, smollm2_gguf_path
+    from leantune.peft_core.gguf_import import import_gguf, smollm2_gguf_path
 
     out = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .model import KVCache, make_attn_mask
+from leantune.peft_core.model import KVCache, make_attn_mask
 
 
 def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from .config import ModelConfig, llama3_inv_freq
-from .errors import ModelError
-from .gguf import GGUFFile
-from .safetensors_io import write_safetensors
+from leantune.peft_core.config import ModelConfig, llama3_inv_freq
+from leantune.base import ModelError
+from leantune.peft_core.gguf import GGUFFile
+from leantune.peft_core.safetensors_io import write_safetensors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

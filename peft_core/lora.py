@@ -49,11 +49,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import dispatch
-from quant import functional as QF
-from quant.fused_lora import lora_4bit
-from quant.matmul4bit import MatMul4bit
-from quant.modules import Linear4bit
+from leantune.quant import dispatch
+from leantune.quant import functional as QF
+from leantune.quant.fused_lora import lora_4bit
+from leantune.quant.matmul4bit import MatMul4bit
+from leantune.quant.modules import Linear4bit
 
 BASE = "__base__"  # per-row selection: this row gets no adapter
 INITS = ("default", "gaussian", "pissa", "olora", "loftq", "none")
@@ -78,7 +78,7 @@ def register_variant(name: str):
 def variant_names() -> list[str]:
     """Registered variants plus the modules of ``peft_core/variants`` (not yet imported)."""
     try:
-        from . import variants
+        from leantune.peft_core import variants
     except ImportError:  # an installation without the variants package
         return sorted(_VARIANTS)
     found = {m.name for m in pkgutil.iter_modules(variants.__path__) if not m.name.startswith("_")}
@@ -89,9 +89,9 @@ def get_variant(name: str) -> "LoraVariant":
     """The variant registered as ``name``, importing ``peft_core.variants.<name>`` on first use."""
     if name not in _VARIANTS and isinstance(name, str) and name.isidentifier():
         try:
-            importlib.import_module(f"peft_core.variants.{name}")
+            importlib.import_module(f"leantune.peft_core.variants.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"peft_core.variants.{name}":
+            if e.name != f"leantune.peft_core.variants.{name}":
                 raise
     if name not in _VARIANTS:
         raise ValueError(f"unknown adapter kind {name!r} (choose {', '.join(variant_names())})")

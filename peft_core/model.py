@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, llama3_inv_freq
-from .rowops import SwiGLU, apply_rope, rms_norm, swiglu_forward
+from leantune.peft_core.config import ModelConfig, llama3_inv_freq
+from leantune.quant.rowops import SwiGLU, apply_rope, rms_norm, swiglu_forward
 
 
 class RMSNorm(nn.Module):

@@ -32,8 +32,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .config import read_json_object
-from .errors import DataError, ModelError
+from leantune.peft_core.config import read_json_object
+from leantune.base import DataError, ModelError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -70,7 +70,7 @@ class Tokenizer:
         tok_path, cfg_path, jinja_path = (d / "tokenizer.json", d / "tokenizer_config.json",
                                           d / "chat_template.jinja")
         if not tok_path.is_file() and (d / "tokenizer.model").is_file():
-            from .tokenizer_adapters import SentencePieceTokenizer
+            from leantune.peft_core.tokenizer_adapters import SentencePieceTokenizer
 
             return SentencePieceTokenizer.from_dir(d)
         for path in (tok_path, cfg_path):

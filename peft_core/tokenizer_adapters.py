@@ -25,9 +25,9 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import ModelError
-from .config import read_json_object
-from .tokenizer import Tokenizer
+from leantune.base import ModelError
+from leantune.peft_core.config import read_json_object
+from leantune.peft_core.tokenizer import Tokenizer
 
 _NEEDS = "a tokenizer needs encode(text) -> list[int], decode(ids) -> str and an int eos_token_id"
 

@@ -401,7 +401,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
         raise ValueError(f"x must have {x_cols} columns for W [{N}, {K}] with transpose={transpose}, "
                          f"got shape {tuple(x.shape)}")
     M = x.shape[0]
-    from . import hostpool  # (imports this module: not at the top)
+    from leantune.quant import hostpool  # (imports this module: not at the top)
 
     y = hostpool.empty((M, y_cols), torch.float32)
     if M == 0:

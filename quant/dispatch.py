@@ -16,10 +16,10 @@ import os
 
 import torch
 
-from peft_core.errors import UsageError
+from leantune.base import UsageError
 
-from . import functional as F
-from .state import QuantState
+from leantune.quant import functional as F
+from leantune.quant.state import QuantState
 
 ENV = "LEANTUNE_BACKEND"
 BACKENDS = ("reference", "cpu", "triton")
@@ -39,7 +39,7 @@ def forced_backend() -> str | None:
 def _triton():
     """(triton_dequant, triton_matmul) or None when Triton or the modules cannot be imported."""
     try:
-        from . import triton_dequant, triton_matmul
+        from leantune.quant import triton_dequant, triton_matmul
     except ImportError:
         return None
     return triton_dequant, triton_matmul
@@ -49,7 +49,7 @@ def _triton():
 def _cpu():
     """The ``quant.cpu_kernels`` module when its C library is built and loaded, else None."""
     try:
-        from . import cpu_kernels
+        from leantune.quant import cpu_kernels
     except ImportError:
         return None
     return cpu_kernels if cpu_kernels.available() else None
@@ -132,6 +132,6 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transp
         x2 = x.reshape(-1, red).float().contiguous()  # (M, red)
         y = _cpu().linear_4bit_cpu(x2, flat, absmax, code, state.blocksize, n_out, n_in, transpose)
         return y.to(x.dtype).reshape(*x.shape[:-1], cols)
-    from .matmul4bit import matmul_4bit_reference
+    from leantune.quant.matmul4bit import matmul_4bit_reference
 
     return matmul_4bit_reference(x, packed, state, transpose)

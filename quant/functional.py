@@ -53,7 +53,7 @@ import math
 
 import torch
 
-from .state import NestedState, QuantState
+from leantune.quant.state import NestedState, QuantState
 
 __all__ = [
     "NF4_CODE", "FP4_CODE", "VALID_BLOCKSIZES", "create_dynamic_map",

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
-from .functional import dequantize_4bit
-from .state import QuantState
+from leantune.quant import dispatch
+from leantune.quant.functional import dequantize_4bit
+from leantune.quant.state import QuantState
 
 
 def lora_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,

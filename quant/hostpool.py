@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_kernels import _Loader
+from leantune.quant.cpu_kernels import _Loader
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "hostpool.c"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

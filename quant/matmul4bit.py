@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
-from . import functional as F
-from .state import QuantState
+from leantune.quant import dispatch
+from leantune.quant import functional as F
+from leantune.quant.state import QuantState
 
 
 def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState,

@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from peft_core.errors import ModelError
+from leantune.base import ModelError
 
-from . import dispatch
-from . import functional as F
-from .matmul4bit import MatMul4bit
-from .state import NestedState, QuantState
+from leantune.quant import dispatch
+from leantune.quant import functional as F
+from leantune.quant.matmul4bit import MatMul4bit
+from leantune.quant.state import NestedState, QuantState
 
 
 class Linear4bit(nn.Module):

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .functional import check_state
-from .state import QuantState
+from leantune.quant.functional import check_state
+from leantune.quant.state import QuantState
 
 # Packed bytes one program decodes (2 * BLOCK_BYTES elements) and its warps. Swept on an H100
 # (bench/bench_quant_gpu.py, 2026-11-23, bf16 out, 14336 x 4096): 2048 B / 4 warps reached

@@ -39,9 +39,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .state import QuantState
-from .triton_dequant import (_check_state, _decode_absmax, dequantize_4bit_triton, interpreting,
-                             kernel_state_args)
+from leantune.quant.state import QuantState
+from leantune.quant.triton_dequant import _check_state, _decode_absmax, dequantize_4bit_triton, interpreting, kernel_state_args
 
 SMALL_M = 16  # M at or under this takes the small-M paths
 

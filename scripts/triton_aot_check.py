@@ -18,7 +18,6 @@ import pathlib
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -26,8 +25,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
 
-from quant import triton_matmul as TM  # noqa: E402
-from quant.functional import get_code  # noqa: E402
+from leantune.quant import triton_matmul as TM  # noqa: E402
+from leantune.quant.functional import get_code  # noqa: E402
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 LUT = {"bf16": TM.nibble_lut_asm(get_code("nf4", "cpu"), torch.bfloat16)}  # the PTX table lookup

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from peft_core.config import ModelConfig
-from peft_core.model import LlamaForCausalLM
+from leantune.peft_core.config import ModelConfig
+from leantune.peft_core.model import LlamaForCausalLM
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -57,7 +57,7 @@ def byte_tokenizer_files(out_dir):
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from peft_core.gguf_import import bytes_to_unicode
+    from leantune.peft_core.gguf_import import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -76,7 +76,7 @@ def byte_tokenizer_files(out_dir):
 
 def tiny_model_dir(out_dir, variant: str = "llama", seed: int = 0, **over):
     """A complete tiny model folder (config, weights, byte tokenizer) for end-to-end tests."""
-    from peft_core.checkpoint import save_model
+    from leantune.peft_core.checkpoint import save_model
 
     over.setdefault("vocab_size", 259)
     model = tiny_model(variant, seed=seed, **over)

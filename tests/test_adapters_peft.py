@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_core.adapters import AdapterConfig, inject_adapter, load_adapter, save_adapter
-from peft_core.checkpoint import load_model, save_model
-from peft_core.safetensors_io import read_safetensors
+from leantune.peft_core.adapters import AdapterConfig, inject_adapter, load_adapter, save_adapter
+from leantune.peft_core.checkpoint import load_model, save_model
+from leantune.peft_core.safetensors_io import read_safetensors
 from tests.helpers import tiny_model
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from bench import e2e
-from peft_core.errors import UsageError
+from leantune.bench import e2e
+from leantune.base import UsageError
 
 PEER = not e2e.peer_missing()
 
@@ -23,7 +23,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_random_model_loads_in_both_layouts(tiny_dir):
-    from peft_core.checkpoint import load_model
+    from leantune.peft_core.checkpoint import load_model
 
     cfg = json.loads((tiny_dir / "config.json").read_text())
     assert cfg["hidden_size"] == 64 and cfg["vocab_size"] == 512 and cfg["tie_word_embeddings"]

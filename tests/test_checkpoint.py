@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_core.checkpoint import load_model, save_model
-from peft_core.errors import ModelError
-from peft_core.safetensors_io import SafetensorsFile, write_safetensors
+from leantune.peft_core.checkpoint import load_model, save_model
+from leantune.base import ModelError
+from leantune.peft_core.safetensors_io import SafetensorsFile, write_safetensors
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "leantune", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd or ROOT, timeout=300)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant import cpu_kernels
-from quant import functional as ref
-from quant.state import QuantState
+from leantune.quant import cpu_kernels
+from leantune.quant import functional as ref
+from leantune.quant.state import QuantState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -351,7 +351,7 @@ def test_fallback_without_compiler(compiler, tmp_path):
 def test_dispatch_quantize_equals_reference(shape, quant_type, double_quant, dtype):
     """quant.dispatch.quantize_4bit (the C codes + PyTorch double quant, used by the loader)
     returns exactly the reference's packed codes and state."""
-    from quant import dispatch
+    from leantune.quant import dispatch
 
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 0.1).to(dtype)
     packed, state = dispatch.quantize_4bit(w, 64, quant_type, double_quant)

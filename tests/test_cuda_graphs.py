@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import e2e
-from peft_core.adapters import AdapterConfig, inject_adapter
-from peft_core.checkpoint import load_model
-from peft_core.errors import UsageError
-from peft_core.model import make_attn_mask
-from train.config import load_config
-from train.cuda_graphs import GraphedTrunk
-from train.loop import batch_loss_sum
+from leantune.bench import e2e
+from leantune.peft_core.adapters import AdapterConfig, inject_adapter
+from leantune.peft_core.checkpoint import load_model
+from leantune.base import UsageError
+from leantune.peft_core.model import make_attn_mask
+from leantune.train.config import load_config
+from leantune.train.cuda_graphs import GraphedTrunk
+from leantune.train.loop import batch_loss_sum
 
 
 @pytest.fixture(scope="module")

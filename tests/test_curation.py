@@ -7,24 +7,13 @@ import random
 
 import pytest
 
-from peft_core.errors import DataError, UsageError
-from train.curation import (
-    KINDS,
-    MinHasher,
-    add_data_parser,
-    check_file,
-    dedup_records,
-    iban_ok,
-    lsh_params,
-    luhn_ok,
-    normalize,
-    redact_text,
-)
+from leantune.base import DataError, UsageError
+from leantune.train.curation import KINDS, MinHasher, add_data_parser, check_file, dedup_records, iban_ok, lsh_params, luhn_ok, normalize, redact_text
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_data import ByteTok, line_strategy
+from tests.test_data import ByteTok, line_strategy
 
 
 def run(argv, capsys):
@@ -76,7 +65,7 @@ def test_check_clean_file_with_tokenizer(tmp_path, capsys, monkeypatch):
     assert rep.problems == [] and rep.truncated == 1 and rep.tokens == [24, 31, 61]
     rep = check_file(path, ByteTok(), max_len=30)
     assert len(rep.problems) == 1 and rep.problems[0].startswith(f"{path}:3:") and rep.truncated == 1
-    monkeypatch.setattr("train.curation._load_tokenizer", lambda d: ByteTok())
+    monkeypatch.setattr("leantune.train.curation._load_tokenizer", lambda d: ByteTok())
     status, out = run(["data", "check", str(path), "--tokenizer", "x", "--max-len", "60"], capsys)
     assert status == 0 and "0 problem(s)" in out and "histogram (tokens)" in out
     assert "longer than max_len" in out
@@ -183,7 +172,7 @@ def test_dedup_records_keeps_first_and_threshold():
     kept, dropped = dedup_records(texts)
     assert kept == [1, 3] and dropped == [{"line": 2, "duplicate_of": 1, "kind": "exact", "jaccard": 1.0}]
     with pytest.raises(UsageError):
-        from train.curation import dedup_file
+        from leantune.train.curation import dedup_file
         dedup_file("x", "y", threshold=1.5)
 
 
@@ -265,7 +254,7 @@ def test_no_action_is_a_usage_error(capsys):
 
 
 def test_wired_into_the_cli_when_present(tmp_path, capsys):
-    from train import cli
+    from leantune import cli
 
     if "data" not in cli.build_parser()._subparsers._group_actions[0].choices:
         pytest.skip("train/cli.py does not wire `data` yet")

@@ -16,23 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peft_core.errors import DataError
-from train.data import (
-    IGNORE,
-    BatchPlan,
-    Example,
-    ExampleSet,
-    JsonlIndex,
-    PackedRow,
-    TokenizerLike,
-    build_examples,
-    check_record,
-    encode_record,
-    pack_examples,
-    read_jsonl,
-    render_chatml,
-    split_for_generation,
-)
+from leantune.base import DataError
+from leantune.train.data import IGNORE, BatchPlan, Example, ExampleSet, JsonlIndex, PackedRow, TokenizerLike, build_examples, check_record, encode_record, pack_examples, read_jsonl, render_chatml, split_for_generation
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 N_SPECIAL = len(SPECIALS)
@@ -512,10 +497,10 @@ def test_check_record_formats():
 # -- the real tokenizer (optional) ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(tmp_path_factory):
-    tokmod = pytest.importorskip("peft_core.tokenizer")
-    from peft_core.errors import ModelError
-    from peft_core.gguf import GGUFFile
-    from peft_core.gguf_import import build_tokenizer, smollm2_gguf_path, tokenizer_config
+    tokmod = pytest.importorskip("leantune.peft_core.tokenizer")
+    from leantune.base import ModelError
+    from leantune.peft_core.gguf import GGUFFile
+    from leantune.peft_core.gguf_import import build_tokenizer, smollm2_gguf_path, tokenizer_config
 
     try:
         gguf = smollm2_gguf_path()

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from peft_core.safetensors_io import read_safetensors
+from leantune.peft_core.safetensors_io import read_safetensors
 from tests.test_train_loop import write_config, write_data
-from train import loop
-from train.config import load_config
+from leantune.train import loop
+from leantune.train.config import load_config
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -28,7 +28,7 @@ SETUP = {"model": {"quant": "nf4"}, "adapter": {"kind": "lora", "r": 4, "alpha":
 
 def torchrun(cfg_path, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train", "train", str(cfg_path), *args]
+           "-m", "leantune", "train", str(cfg_path), *args]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -105,7 +105,7 @@ def test_indivisible_global_batch_is_one_line_and_exit_2(cfg_path):
             "(WORLD_SIZE): make batch_size (3) or grad_accum (1) a multiple of 2\n")
     for rank, stderr in (("0", line), ("1", "")):  # each process of a launch, as torchrun starts it
         env = dict(ENV, WORLD_SIZE="2", RANK=rank, LOCAL_RANK=rank)
-        res = subprocess.run([sys.executable, "-m", "train", "train", str(cfg_path), *bad], cwd=ROOT,
+        res = subprocess.run([sys.executable, "-m", "leantune", "train", str(cfg_path), *bad], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=60)
         assert (res.returncode, res.stderr) == (2, stderr)
     res = torchrun(cfg_path, *bad)  # torchrun itself exits 1 and reports the workers' status 2

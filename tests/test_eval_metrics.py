@@ -9,12 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eval.metrics import (JSON_KEYS, bootstrap_ci, choice_accuracy, choice_scores,
-                          classification_accuracy, classification_scores, contains,
-                          default_primary, exact_match, expand_metrics, extract_json,
-                          json_equal, json_scores, normalize_text, paired_bootstrap_diff,
-                          regex_match, score_items)
-from peft_core.errors import DataError
+from leantune.eval.metrics import JSON_KEYS, bootstrap_ci, choice_accuracy, choice_scores, classification_accuracy, classification_scores, contains, default_primary, exact_match, expand_metrics, extract_json, json_equal, json_scores, normalize_text, paired_bootstrap_diff, regex_match, score_items
+from leantune.base import DataError
 
 
 # --------------------------------------------------------------------------- text

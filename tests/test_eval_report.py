@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from eval.metrics import JSON_KEYS, score_items
-from eval.report import build_report, gate, write_report
+from leantune.eval.metrics import JSON_KEYS, score_items
+from leantune.eval.report import build_report, gate, write_report
 
 ITEMS = [
     {"prompt": "Extract the person as JSON: Ada Lovelace, born 1815.",
@@ -144,7 +144,7 @@ def test_gate_on_built_report():
 
 def test_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    from eval.plots import plot_loss_curves, plot_metric_comparison
+    from leantune.eval.plots import plot_loss_curves, plot_metric_comparison
 
     m = tmp_path / "metrics.jsonl"
     recs = [{"step": s, "loss": 3.0 / s, "lr": 1e-4} for s in range(1, 21)]
@@ -161,8 +161,8 @@ def test_plots(tmp_path):
 
 def test_plots_bad_metrics_line(tmp_path):
     pytest.importorskip("matplotlib")
-    from eval.plots import plot_loss_curves
-    from peft_core.errors import DataError
+    from leantune.eval.plots import plot_loss_curves
+    from leantune.base import DataError
 
     m = tmp_path / "metrics.jsonl"
     m.write_text('{"step": 1, "loss": 1}\nnot json\n{"step": 2, "loss": 1}\n')
@@ -172,7 +172,7 @@ def test_plots_bad_metrics_line(tmp_path):
 
 
 def test_plots_without_matplotlib(tmp_path, monkeypatch, capsys):
-    import eval.plots as plots
+    import leantune.eval.plots as plots
 
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)

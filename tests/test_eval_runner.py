@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import tiny_model_dir
-from train.config import load_config
-from train.loop import train
+from leantune.train.config import load_config
+from leantune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FRUITS = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
@@ -54,7 +54,7 @@ max_new_tokens = 24
 
 
 def test_tuned_beats_both_baselines(tuned_run):
-    from eval.runner import run_eval
+    from leantune.eval.runner import run_eval
 
     tmp, cfg = tuned_run
     report = run_eval(cfg, log=lambda m: None)
@@ -74,7 +74,7 @@ def test_tuned_beats_both_baselines(tuned_run):
 
 def test_gate_exits_5(tuned_run):
     tmp, cfg = tuned_run
-    res = subprocess.run([sys.executable, "-m", "train", "eval", str(tmp / "c.toml"), "--set",
+    res = subprocess.run([sys.executable, "-m", "leantune", "eval", str(tmp / "c.toml"), "--set",
                           "eval.require_lift=2.0", "--set", "eval.baselines=['base']"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 5, res.stderr

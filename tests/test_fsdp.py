@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from peft_core.errors import UsageError
+from leantune.base import UsageError
 from tests.test_ddp import ENV, ROOT, SETUP, assert_close_runs, one_process, torchrun
 from tests.test_train_loop import write_config, write_data
-from train import loop
-from train.config import load_config
+from leantune.train import loop
+from leantune.train.config import load_config
 
 
 def _fsdp_missing() -> str | None:
@@ -41,7 +41,7 @@ FSDP = ("--set", "train.fsdp=true")
 
 def single(cfg_path, *args):
     """The same command in one process (one thread, CPU: as each rank runs)."""
-    cmd = [sys.executable, "-m", "train", "train", str(cfg_path), *args]
+    cmd = [sys.executable, "-m", "leantune", "train", str(cfg_path), *args]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -153,7 +153,7 @@ def _live_uint8_bytes() -> int:
 
 
 def _probe(cfg_path, out_dir):
-    from train import fsdp
+    from leantune.train import fsdp
 
     cfg = load_config(cfg_path)
     ranks = loop.launch_ranks(fsdp=True)

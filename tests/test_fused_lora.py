@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peft_core.lora import LoraLinear
-from quant import dispatch
-from quant import functional as QF
-from quant.fused_lora import LoRA4bitFunction, lora_4bit, lora_4bit_reference
-from quant.modules import Linear4bit
+from leantune.peft_core.lora import LoraLinear
+from leantune.quant import dispatch
+from leantune.quant import functional as QF
+from leantune.quant.fused_lora import LoRA4bitFunction, lora_4bit, lora_4bit_reference
+from leantune.quant.modules import Linear4bit
 
 SHAPES = [(2, 5, 64, 48), (1, 3, 67, 29), (3, 1, 130, 77)]  # (B, T, in, out): normal, odd, odd
 

@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_core import gguf_import
-from peft_core.errors import ModelError
-from peft_core.gguf import DEQUANTIZERS, GGML_TYPE_IDS, GGML_TYPES, GGUFFile, dequantize
-from peft_core.gguf_import import (PRE_TOKENIZER_SPLITS, build_tokenizer, import_gguf, smollm2_gguf_path,
-                                   unpermute_qk)
-from peft_core.tokenizer import Tokenizer
+from leantune.peft_core import gguf_import
+from leantune.base import ModelError
+from leantune.peft_core.gguf import DEQUANTIZERS, GGML_TYPE_IDS, GGML_TYPES, GGUFFile, dequantize
+from leantune.peft_core.gguf_import import PRE_TOKENIZER_SPLITS, build_tokenizer, import_gguf, smollm2_gguf_path, unpermute_qk
+from leantune.peft_core.tokenizer import Tokenizer
 
 
 def _smollm2_path():
@@ -172,7 +171,7 @@ def gguf_name(hf: str) -> str:
 def write_tiny_gguf(path, arch="llama", qtype="F32", tied=False, layers=2, extra_tensors=None, **over):
     """A tiny model as llama.cpp's converter writes it; returns (config, hf weights)."""
     gguf = pytest.importorskip("gguf")
-    from peft_core.gguf_import import bytes_to_unicode
+    from leantune.peft_core.gguf_import import bytes_to_unicode
     tokens = SPECIALS + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe", "<think>"]
     cfg = dict(arch=arch, hidden=64, ffn=96, n_head=4, n_kv=2, head_dim=16, layers=layers,
                vocab=len(tokens), tied=tied)
@@ -258,7 +257,7 @@ def test_import_synthetic(tmp_path, arch, qtype, tied):
 
 def test_imported_model_runs_like_transformers(tmp_path):
     """Our decoder on the imported folder gives transformers' logits for the GGUF."""
-    from peft_core.checkpoint import load_model
+    from leantune.peft_core.checkpoint import load_model
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, qtype="Q8_0")
     model = load_model(import_gguf(path, tmp_path / "hf")).eval()
@@ -273,7 +272,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    from peft_core.config import llama3_inv_freq
+    from leantune.peft_core.config import llama3_inv_freq
     freqs = (inv_freq / llama3_inv_freq(inv_freq, scaling)).numpy().astype(np.float32)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, rope_theta=theta, extra_tensors={"rope_freqs.weight": freqs})

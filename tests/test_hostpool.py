@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from quant import hostpool
+from leantune.quant import hostpool
 
 pytestmark = pytest.mark.skipif(not hostpool.enabled(), reason="the host pool does not build here")
 

@@ -8,13 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peft_core import adapters as ad
-from peft_core.adapters import (AdapterConfig, adapter_rows, delete_adapter, disable_adapters, inject_adapter,
-                                load_adapter, lora_layers, merge_adapter, merge_and_unload, save_adapter,
-                                set_active_adapter, trainable_report, unmerge_adapter)
-from peft_core.errors import ModelError, UsageError
-from peft_core.lora import BASE, LoraLinear, LoraVariant, get_variant, register_variant
-from quant.modules import Linear4bit, replace_linears
+from leantune.peft_core import adapters as ad
+from leantune.peft_core.adapters import AdapterConfig, adapter_rows, delete_adapter, disable_adapters, inject_adapter, load_adapter, lora_layers, merge_adapter, merge_and_unload, save_adapter, set_active_adapter, trainable_report, unmerge_adapter
+from leantune.base import ModelError, UsageError
+from leantune.peft_core.lora import BASE, LoraLinear, LoraVariant, get_variant, register_variant
+from leantune.quant.modules import Linear4bit, replace_linears
 from tests.helpers import tiny_model, tiny_model_dir
 
 
@@ -384,7 +382,7 @@ def test_adapter_for_another_base_names_the_first_offending_key(tmp_path):
 
 
 def test_unknown_and_missing_keys(tmp_path):
-    from peft_core.safetensors_io import read_safetensors, write_safetensors
+    from leantune.peft_core.safetensors_io import read_safetensors, write_safetensors
 
     path = saved_adapter(tmp_path, r=4, targets=["q_proj"])
     tensors = read_safetensors(path / "adapter_model.safetensors")
@@ -478,7 +476,7 @@ def test_lora_fa_round_trips_with_its_kind(tmp_path):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_cmd_merge(tmp_path, quant):
-    from peft_core.checkpoint import load_model
+    from leantune.peft_core.checkpoint import load_model
 
     model_dir = tiny_model_dir(tmp_path / "base", seed=10)
     model = load_model(model_dir).eval()

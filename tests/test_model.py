@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from peft_core.generate import generate
-from peft_core.model import KVCache, make_attn_mask
+from leantune.peft_core.generate import generate
+from leantune.peft_core.model import KVCache, make_attn_mask
 from tests.helpers import VARIANTS, tiny_config, tiny_model
 
 
@@ -95,7 +95,7 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
                                      "llama-bias", "mistral-sliding", "qwen2"])
 def test_logits_match_transformers(variant, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from peft_core.checkpoint import load_model, save_model
+    from leantune.peft_core.checkpoint import load_model, save_model
 
     model = tiny_model(variant, seed=3).eval()
     save_model(model, tmp_path)
@@ -177,7 +177,7 @@ def test_config_rejects_bad_gqa():
 
 def test_swiglu_function_matches_autograd():
     """The memory-saving SwiGLU Function: same value and gradients as silu(g) * u (float64)."""
-    from peft_core.model import SwiGLU
+    from leantune.peft_core.model import SwiGLU
 
     g = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
     u = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -191,7 +191,7 @@ def test_swiglu_function_matches_autograd():
 
 def test_repeat_kv_is_repeat_interleave_on_the_head_axis():
     # the GPU attention path expands kv heads with it (no host sync inside a CUDA graph)
-    from peft_core.model import _repeat_kv
+    from leantune.peft_core.model import _repeat_kv
 
     t = torch.randn(2, 3, 5, 4)
     for rep in (1, 2, 4):

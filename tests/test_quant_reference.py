@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as tnf
 from safetensors import safe_open
 
-from peft_core.errors import ModelError, UsageError
-from quant import dispatch
-from quant import functional as F
-from quant.matmul4bit import MatMul4bit, matmul_4bit_reference
-from quant.modules import Linear4bit, replace_linears
+from leantune.base import ModelError, UsageError
+from leantune.quant import dispatch
+from leantune.quant import functional as F
+from leantune.quant.matmul4bit import MatMul4bit, matmul_4bit_reference
+from leantune.quant.modules import Linear4bit, replace_linears
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,10 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from peft_core.errors import ModelError, UsageError
-from quant import functional as F
-from quant.serialize import (quantization_config_dict, quantize_checkpoint, state_from_tensors,
-                             state_to_tensors)
+from leantune.base import ModelError, UsageError
+from leantune.quant import functional as F
+from leantune.peft_core.quant_checkpoint import quantization_config_dict, quantize_checkpoint, state_from_tensors, state_to_tensors
 
 DOUBLE_QUANT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 

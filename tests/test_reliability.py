@@ -38,15 +38,15 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-import train.loop as loop
-from peft_core.errors import ModelError
-from peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
+import leantune.train.loop as loop
+from leantune.base import ModelError
+from leantune.peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
 from tests.helpers import tiny_model_dir
 from tests.test_data import line_strategy
 from tests.test_train_loop import ROOT, assert_same, trainable, write_config
-from train.cli import main
-from train.config import load_config
-from train.loop import TrainingAborted, checkpoint_problem, newest_checkpoint, train
+from leantune.cli import main
+from leantune.train.config import load_config
+from leantune.train.loop import TrainingAborted, checkpoint_problem, newest_checkpoint, train
 
 SEED = 20240909
 FUZZ = settings(deadline=None, derandomize=True, database=None,
@@ -234,7 +234,7 @@ def event(kind, path):
         os.kill(os.getpid(), signal.SIGKILL)
 for obj, name, new in io_hooks(event):
     setattr(obj, name, new)
-from train.cli import main
+from leantune.cli import main
 sys.exit(main(["train", sys.argv[1]]))
 """
 
@@ -541,8 +541,8 @@ def fuzz_dir(base, tmp_path_factory, monkeypatch_module):
     fuzzer may name is a copy in it (the tiny model, a model folder whose config.json is
     broken, an adapter, a checkpoint, data and configs). The embedded default model is a
     missing folder here (a config without model.path must not import SmolLM2)."""
-    from peft_core.adapters import AdapterConfig, inject_adapter, save_adapter
-    from peft_core.checkpoint import load_model
+    from leantune.peft_core.adapters import AdapterConfig, inject_adapter, save_adapter
+    from leantune.peft_core.checkpoint import load_model
 
     d = tmp_path_factory.mktemp("fuzz")
     shutil.copytree(base["dir"] / "model", d / "model")
@@ -554,9 +554,9 @@ def fuzz_dir(base, tmp_path_factory, monkeypatch_module):
     (d / "bad.jsonl").write_bytes(b'{"text": 1}\n\xff\xfe\n[]\n')
     (d / "bad.toml").write_text("[train\nlr = 1")
     (d / "ok.toml").write_text('[model]\npath = "broken-model"\n[data]\ntrain = "good.jsonl"\n')
-    import peft_core.embedded
+    import leantune.peft_core.embedded as embedded
 
-    monkeypatch_module.setattr(peft_core.embedded, "default_model_dir", lambda: d / "no-embedded-model")
+    monkeypatch_module.setattr(embedded, "default_model_dir", lambda: d / "no-embedded-model")
     monkeypatch_module.chdir(d)
     return d
 
@@ -590,7 +590,7 @@ def _known_keys() -> dict:
     """{section: {key: default}} of the training config."""
     import dataclasses
 
-    from train.config import Config
+    from leantune.train.config import Config
 
     return {f.name: {g.name: getattr(f.default_factory(), g.name) for g in dataclasses.fields(f.default_factory())}
             for f in dataclasses.fields(Config) if f.name != "source"}
@@ -953,13 +953,13 @@ def test_fuzz_bit_flipped_or_truncated_gguf(fuzz_dir, tiny_gguf, data):
 # ------------------------------------------------------------------------------------------
 # 7. security: no pickle, nothing outside the output folder, sandboxed chat templates
 # ------------------------------------------------------------------------------------------
-ENGINE = ["peft_core", "quant", "train", "eval"]
+ENGINE = ["peft_core", "quant", "train", "eval", "base.py", "cli.py", "demo.py", "__init__.py"]
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 
 
 def _engine_sources():
     for pkg in ENGINE:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
+        for path in [ROOT / pkg] if pkg.endswith(".py") else sorted((ROOT / pkg).rglob("*.py")):
             yield path, ast.parse(path.read_text(encoding="utf-8"), str(path))
 
 
@@ -986,8 +986,11 @@ def test_engine_code_never_unpickles_or_executes_code():
                 problems.append(f"{rel}:{node.lineno}: np.load with allow_pickle")
             if func in ("eval", "exec", "compile", "__import__", "execfile"):
                 problems.append(f"{rel}:{node.lineno}: calls {func}")
-            if func == "importlib.import_module" and "peft_core.variants" not in ast.unparse(node.args[0]):
-                problems.append(f"{rel}:{node.lineno}: imports a module named at run time")
+            if func == "importlib.import_module":
+                arg = ast.unparse(node.args[0])
+                lazy_api = rel == Path("__init__.py") and arg == "module"  # the constant _API table
+                if "peft_core.variants" not in arg and not lazy_api:
+                    problems.append(f"{rel}:{node.lineno}: imports a module named at run time")
             if "trust_remote_code" in kw:
                 problems.append(f"{rel}:{node.lineno}: trust_remote_code")
     assert not problems, "\n".join(problems)

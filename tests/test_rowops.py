@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_core import rowops
-from peft_core.adapters import AdapterConfig, inject_adapter
-from quant.modules import replace_linears
+from leantune.quant import rowops
+from leantune.peft_core.adapters import AdapterConfig, inject_adapter
+from leantune.quant.modules import replace_linears
 from tests.helpers import tiny_model
 
 needs_c = pytest.mark.skipif(rowops._LOADER.get() is None, reason="the C row kernels do not build here")
@@ -198,7 +198,7 @@ def test_recompute_saved_is_off_under_gradient_checkpointing():
 def test_chunked_ce_paths_match_float64(path, scale):
     """The chunked loss through the C row kernel and through PyTorch ops: loss and gradients
     equal the float64 cross-entropy, also for logits in the hundreds (no overflow)."""
-    from train.chunked_ce import chunked_cross_entropy
+    from leantune.quant.chunked_ce import chunked_cross_entropy
 
     gen = torch.Generator().manual_seed(11)
     h = (torch.randn(70, 24, generator=gen) * scale ** 0.5).requires_grad_()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_core.checkpoint import load_model
-from peft_core.generate import generate
-from peft_core.tokenizer import Tokenizer
+from leantune.peft_core.checkpoint import load_model
+from leantune.peft_core.generate import generate
+from leantune.peft_core.tokenizer import Tokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2_greedy.json").read_text())
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
-    from peft_core.errors import ModelError
-    from peft_core.gguf_import import import_gguf, smollm2_gguf_path
+    from leantune.base import ModelError
+    from leantune.peft_core.gguf_import import import_gguf, smollm2_gguf_path
 
     try:
         gguf = smollm2_gguf_path()
@@ -65,7 +65,7 @@ def test_greedy_generation_matches_transformers_live(smollm2, smollm2_dir):
 
 
 def test_cli_generate_chat(smollm2_dir):
-    res = subprocess.run([sys.executable, "-m", "train", "generate", str(smollm2_dir), "--chat",
+    res = subprocess.run([sys.executable, "-m", "leantune", "generate", str(smollm2_dir), "--chat",
                           GOLDEN["rows"][0]["prompt"], "--max-new-tokens", "40"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -4,9 +4,9 @@ saved by leantune loads into PEFT with the same logits and greedy text."""
 import pytest
 import torch
 
-from peft_core.adapters import AdapterConfig, inject_adapter, load_adapter, save_adapter
-from peft_core.checkpoint import load_model
-from peft_core.generate import generate
+from leantune.peft_core.adapters import AdapterConfig, inject_adapter, load_adapter, save_adapter
+from leantune.peft_core.checkpoint import load_model
+from leantune.peft_core.generate import generate
 from tests.test_smollm2 import GOLDEN, smollm2_dir  # noqa: F401  (the module-scoped import fixture)
 
 CASES = {

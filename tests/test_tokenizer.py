@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, models
 
-from peft_core.errors import DataError, ModelError
-from peft_core.gguf import GGUFFile
-from peft_core.gguf_import import build_tokenizer, smollm2_gguf_path, tokenizer_config
-from peft_core.tokenizer import DEFAULT_CHAT_TEMPLATE, StreamDecoder, Tokenizer
+from leantune.base import DataError, ModelError
+from leantune.peft_core.gguf import GGUFFile
+from leantune.peft_core.gguf_import import build_tokenizer, smollm2_gguf_path, tokenizer_config
+from leantune.peft_core.tokenizer import DEFAULT_CHAT_TEMPLATE, StreamDecoder, Tokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 TOKENS = json.loads((GOLDEN / "tokenizer_smollm2.json").read_text(encoding="utf-8"))

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from peft_core.checkpoint import copy_tokenizer_files
-from peft_core.errors import ModelError
-from peft_core.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
-from peft_core.tokenizer_adapters import CustomTokenizer, TiktokenTokenizer, load_tokenizer
-from train.data import IGNORE, TokenizerLike, build_examples, encode_record, tokenizer_identity
+from leantune.peft_core.checkpoint import copy_tokenizer_files
+from leantune.base import ModelError
+from leantune.peft_core.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from leantune.peft_core.tokenizer_adapters import CustomTokenizer, TiktokenTokenizer, load_tokenizer
+from leantune.train.data import IGNORE, TokenizerLike, build_examples, encode_record, tokenizer_identity
 
 CORPUS = ["Hello, world! This is a tiny corpus for a tiny tokenizer.",
           "The quick brown fox jumps over the lazy dog.",

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_core.errors import UsageError
-from train.chunked_ce import causal_lm_targets, chunked_cross_entropy, cross_entropy_reference
-from train.config import Config, apply_dict, load_config, parse_override
-from train.schedule import lr_factor
+from leantune.base import UsageError
+from leantune.quant.chunked_ce import causal_lm_targets, chunked_cross_entropy, cross_entropy_reference
+from leantune.train.config import Config, apply_dict, load_config, parse_override
+from leantune.train.schedule import lr_factor
 
 
 @pytest.mark.parametrize("n,chunk", [(1, 4), (37, 8), (64, 64), (100, 1024)])
@@ -71,7 +71,7 @@ def test_schedules():
 
 
 def test_adamw8bit_tracks_fp32_adamw():
-    from train.adamw8bit import AdamW8bit
+    from leantune.quant.adamw8bit import AdamW8bit
 
     torch.manual_seed(0)
     target = torch.randn(64, 128)
@@ -138,7 +138,7 @@ def test_config_file_errors(tmp_path):
 
 def test_adamw8bit_matches_bitsandbytes_trajectory():
     bnb = pytest.importorskip("bitsandbytes")
-    from train.adamw8bit import AdamW8bit
+    from leantune.quant.adamw8bit import AdamW8bit
 
     torch.manual_seed(0)
     target = torch.randn(64, 128)

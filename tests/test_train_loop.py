@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_core.safetensors_io import read_safetensors
+from leantune.peft_core.safetensors_io import read_safetensors
 from tests.helpers import tiny_model_dir
-from train.config import load_config
-from train.loop import newest_checkpoint, train
+from leantune.train.config import load_config
+from leantune.train.loop import newest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     cfg_path = write_config(tmp_path, "killed", train={"max_steps": 60, "save_every": 1}, **QLORA)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rng = random.Random(1234)
-    proc = subprocess.Popen([sys.executable, "-m", "train", "train", str(cfg_path)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "leantune", "train", str(cfg_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = tmp_path / "killed"
     deadline = time.time() + 120
@@ -123,7 +123,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
     assert newest_checkpoint(out).name != "step-60"
-    res = subprocess.run([sys.executable, "-m", "train", "train", str(cfg_path), "--resume"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "leantune", "train", str(cfg_path), "--resume"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert_same(trainable(out), trainable(full.train.out))
@@ -131,13 +131,13 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 def test_cli_train_config_errors(tmp_path):
     path = write_config(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "train", "train", str(path), "--set", "train.lrr=1"],
+    res = subprocess.run([sys.executable, "-m", "leantune", "train", str(path), "--set", "train.lrr=1"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip() == "leantune: error: --set: train.lrr: unknown key (did you mean 'lr'?)"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"text": 1}\n')
-    res = subprocess.run([sys.executable, "-m", "train", "train", str(path), "--set", f"data.train='{bad}'"],
+    res = subprocess.run([sys.executable, "-m", "leantune", "train", str(path), "--set", f"data.train='{bad}'"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 3, res.stderr
     assert res.stderr.startswith(f"leantune: error: {bad}:1:") and res.stderr.count("\n") == 1

@@ -18,11 +18,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from train import triton_adamw8bit  # noqa: E402
-from train.adamw8bit import (  # noqa: E402
-    _SIGNED, _UNSIGNED, BLOCK, AdamW8bit, adamw8bit_step, midpoints, quantize_state,
-)
-from train.triton_adamw8bit import adamw8bit_step_triton  # noqa: E402
+from leantune.quant import triton_adamw8bit  # noqa: E402
+from leantune.quant.adamw8bit import _SIGNED, _UNSIGNED, BLOCK, AdamW8bit, adamw8bit_step, midpoints, quantize_state
+from leantune.quant.triton_adamw8bit import adamw8bit_step_triton  # noqa: E402
 
 from tests.helpers import skip_unless_triton_runs  # noqa: E402
 

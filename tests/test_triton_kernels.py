@@ -16,10 +16,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from quant import functional as F  # noqa: E402
-from quant import triton_dequant, triton_matmul  # noqa: E402
-from quant.triton_dequant import dequantize_4bit_triton  # noqa: E402
-from quant.triton_matmul import matmul_4bit_triton  # noqa: E402
+from leantune.quant import functional as F  # noqa: E402
+from leantune.quant import triton_dequant, triton_matmul  # noqa: E402
+from leantune.quant.triton_dequant import dequantize_4bit_triton  # noqa: E402
+from leantune.quant.triton_matmul import matmul_4bit_triton  # noqa: E402
 
 from tests.helpers import skip_unless_triton_runs  # noqa: E402
 

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_core.errors import UsageError
+from leantune.base import UsageError
 
 
 @dataclass

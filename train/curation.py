@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_core.errors import DataError, UsageError
+from leantune.base import DataError, UsageError
 
-from .data import FORMATS, IGNORE, check_record, encode_record, file_format, parse_line, read_jsonl
+from leantune.train.data import FORMATS, IGNORE, check_record, encode_record, file_format, parse_line, read_jsonl
 
 MAX_LISTED = 20  # warnings of one kind printed before "... and N more"
 
@@ -138,7 +138,7 @@ def _raw_lines(path):
 
 
 def _load_tokenizer(model_dir):
-    from peft_core.tokenizer import Tokenizer
+    from leantune.peft_core.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(model_dir)
 

@@ -53,7 +53,7 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from peft_core.errors import DataError
+from leantune.base import DataError, sha256_update
 
 IGNORE = -100
 FORMATS = ("text", "prompt_completion", "messages", "tokens")
@@ -608,11 +608,9 @@ class _Int32Sink:
             self.f.close()
 
 
-def _file_sha256(path, h=None):
-    h = h or hashlib.sha256()
-    with _open(path, str(path)) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+def _file_sha256(path, h):
+    with _open(path, str(path)) as f:  # a missing or unreadable file is a DataError naming it
+        sha256_update(h, f)
     return h
 
 

@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from quant.modules import Linear4bit
+from leantune.quant.modules import Linear4bit
 
 SHARDED_BUFFERS = ("weight", "absmax")  # of each Linear4bit: the packed codes and their scales
 

@@ -38,17 +38,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from peft_core.checkpoint import load_model, write_json
-from peft_core.errors import LeantuneError, ModelError, UsageError
-from peft_core.model import make_attn_mask
-from peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
+from leantune.peft_core.checkpoint import load_model, write_json
+from leantune.base import VERSION, LeantuneError, ModelError, UsageError, file_sha256
+from leantune.peft_core.model import make_attn_mask
+from leantune.peft_core.safetensors_io import SafetensorsFile, read_safetensors, write_safetensors
 
-from . import fsdp
-from .chunked_ce import causal_lm_targets, chunked_cross_entropy
-from .config import Config
-from .schedule import lr_factor
+from leantune.train import fsdp
+from leantune.quant.chunked_ce import causal_lm_targets, chunked_cross_entropy
+from leantune.train.config import Config
+from leantune.train.schedule import lr_factor
 
-VERSION = "0.1.0"
 
 
 class TrainingAborted(LeantuneError):
@@ -79,17 +78,9 @@ def compute_dtype_for(cfg: Config, device) -> torch.dtype:
 def resolve_model_dir(cfg: Config) -> Path:
     if cfg.model.path:
         return Path(cfg.model.path)
-    from peft_core.embedded import default_model_dir
+    from leantune.peft_core.embedded import default_model_dir
 
     return default_model_dir()
-
-
-def file_sha256(path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -278,7 +269,7 @@ def build_model(cfg: Config, model_dir: Path, device, dtype):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        from peft_core.adapters import AdapterConfig, inject_adapter
+        from leantune.peft_core.adapters import AdapterConfig, inject_adapter
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -408,7 +399,7 @@ def save_checkpoint(run_dir: Path, step: int, model, params: dict, opt, extra: d
             "rng.safetensors": write_safetensors(rng or rng_state(), tmp / "rng.safetensors"),
         }
         if cfg.adapter.kind != "none":
-            from peft_core.adapters import save_adapter
+            from leantune.peft_core.adapters import save_adapter
 
             save_adapter(model, tmp / "adapter", base_model_name_or_path=extra.get("base_model", ""))
         write_json(tmp / "state.json", {"step": step, **extra, "files": files})  # last: marks complete
@@ -540,8 +531,8 @@ def train(cfg: Config, resume: bool = False, log=print, tokenizer=None, on_step=
 
 
 def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> TrainResult:
-    from peft_core.tokenizer import Tokenizer
-    from train.data import BatchPlan, build_examples, pack_examples
+    from leantune.peft_core.tokenizer import Tokenizer
+    from leantune.train.data import BatchPlan, build_examples, pack_examples
 
     device = ranks.device
     dtype = compute_dtype_for(cfg, device)
@@ -588,7 +579,7 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.train.optimizer == "adamw8bit":
-        from train.adamw8bit import AdamW8bit
+        from leantune.quant.adamw8bit import AdamW8bit
 
         opt = AdamW8bit(groups, lr=cfg.train.lr)
     else:
@@ -599,7 +590,7 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
     trunk = None
     if cfg.train.cuda_graphs:
         if device.type == "cuda":
-            from train.cuda_graphs import GraphedTrunk
+            from leantune.train.cuda_graphs import GraphedTrunk
 
             trunk = GraphedTrunk(model.model, log)
         else:
@@ -766,11 +757,11 @@ def _train(cfg: Config, resume: bool, log, tokenizer, on_step, ranks: Ranks) -> 
                 return TrainResult(run_dir, step, last_loss, skipped)
             try:
                 if cfg.adapter.kind != "none":
-                    from peft_core.adapters import save_adapter
+                    from leantune.peft_core.adapters import save_adapter
 
                     save_adapter(model, export, base_model_name_or_path=str(model_dir))
                 else:
-                    from peft_core.checkpoint import save_model
+                    from leantune.peft_core.checkpoint import save_model
 
                     save_model(model, export, copy_tokenizer_from=model_dir)
             except OSError as e:

@@ -17,7 +17,7 @@ safetensors metadata so it loads back as LoRA-FA.
 """
 from __future__ import annotations
 
-from ..lora import LoraVariant, register_variant
+from leantune.peft_core.lora import LoraVariant, register_variant
 
 
 @register_variant("lora_fa")

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from peft_core.checkpoint import save_model  # noqa: E402
-from peft_core.safetensors_io import write_safetensors  # noqa: E402
+from leantune.peft_core.checkpoint import save_model  # noqa: E402
+from leantune.peft_core.safetensors_io import write_safetensors  # noqa: E402
 from tests.helpers import tiny_model  # noqa: E402
 
 OUT = Path(__file__).parent

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from peft_core.gguf_import import import_gguf, smollm2_gguf_path  # noqa: E402
+from leantune.peft_core.gguf_import import import_gguf, smollm2_gguf_path  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?",

@@ -31,8 +31,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from peft_core.gguf import GGUFFile  # noqa: E402
-from peft_core.gguf_import import build_tokenizer, bytes_to_unicode, smollm2_gguf_path  # noqa: E402
+from leantune.peft_core.gguf import GGUFFile  # noqa: E402
+from leantune.peft_core.gguf_import import build_tokenizer, bytes_to_unicode, smollm2_gguf_path  # noqa: E402
 
 TEXTS = [
     "Hello world",

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.triton_dequant import interpreting
-from train.adamw8bit import _SIGNED, _UNSIGNED, BLOCK, midpoints
+from leantune.quant.triton_dequant import interpreting
+from leantune.quant.adamw8bit import _SIGNED, _UNSIGNED, BLOCK, midpoints
 
 ROWS = 4  # state blocks per program: 1024 elements
 NUM_WARPS = 4

@@ -41,12 +41,12 @@ def _toml(conf: dict) -> str:
 
 
 def run_demo(out="runs/demo", quick: bool = False, log=print) -> dict:
-    from eval.runner import run_eval
-    from peft_core.embedded import default_model_dir
-    from quant.serialize import quantize_checkpoint
-    from train.config import load_config
-    from train.demo_task import write_task
-    from train.loop import train
+    from leantune.eval.runner import run_eval
+    from leantune.peft_core.embedded import default_model_dir
+    from leantune.peft_core.quant_checkpoint import quantize_checkpoint
+    from leantune.train.config import load_config
+    from leantune.train.demo_task import write_task
+    from leantune.train.loop import train
 
     t0 = time.time()
     out = Path(out).resolve()

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from peft_core.checkpoint import checkpoint_files
-from peft_core.errors import ModelError, UsageError
+from leantune.peft_core.checkpoint import checkpoint_files
+from leantune.base import ModelError, UsageError
 
-from . import functional as F
-from .state import NestedState, QuantState
+from leantune.quant import functional as F
+from leantune.quant.state import NestedState, QuantState
 
 QS_PREFIX = "quant_state.bitsandbytes__"
 # dtype <-> the string bitsandbytes writes (``str(dtype).strip("torch.")``)

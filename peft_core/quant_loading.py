@@ -14,15 +14,15 @@ import re
 
 import torch
 
-from peft_core.checkpoint import check_shape, finish_loading, load_tensor, meta_model, skipped_tensor
-from peft_core.errors import ModelError
-from peft_core.model import LlamaForCausalLM
-from peft_core.safetensors_io import SafetensorsFile
+from leantune.peft_core.checkpoint import check_shape, finish_loading, load_tensor, meta_model, skipped_tensor
+from leantune.base import ModelError
+from leantune.peft_core.model import LlamaForCausalLM
+from leantune.peft_core.safetensors_io import SafetensorsFile
 
-from . import dispatch
-from . import functional as F
-from .modules import Linear4bit
-from .serialize import state_from_tensors
+from leantune.quant import dispatch
+from leantune.quant import functional as F
+from leantune.quant.modules import Linear4bit
+from leantune.peft_core.quant_checkpoint import state_from_tensors
 
 QUANTIZED_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 

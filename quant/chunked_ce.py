@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peft_core import rowops
-from quant import hostpool
+from leantune.quant import rowops
+from leantune.quant import hostpool
 
 
 def cross_entropy_reference(hidden, weight, targets):

@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from quant.dispatch import forced_backend
-from quant.functional import create_dynamic_map, dequantize_blockwise_8bit
+from leantune.quant.dispatch import forced_backend
+from leantune.quant.functional import create_dynamic_map, dequantize_blockwise_8bit
 
 BLOCK = 256
 _SIGNED = create_dynamic_map(signed=True)
@@ -87,7 +87,7 @@ def adamw8bit_step(p, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_
 def _triton_step():
     """``adamw8bit_step_triton``, or None when Triton or the kernel module cannot be imported."""
     try:
-        from train.triton_adamw8bit import adamw8bit_step_triton
+        from leantune.quant.triton_adamw8bit import adamw8bit_step_triton
     except ImportError:
         return None
     return adamw8bit_step_triton

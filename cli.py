@@ -1,4 +1,4 @@
-"""The ``leantune`` command line (also ``python -m train``).
+"""The ``leantune`` command line (also ``python -m leantune``).
 
 Each sub-command is a small function taking the parsed arguments. User mistakes raise a
 ``LeantuneError``; ``main`` turns it into one line ``leantune: error: WHERE: WHAT`` and the
@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from peft_core.errors import LeantuneError, UsageError
+from leantune.base import LeantuneError, UsageError
 
 PROG = "leantune"
 
@@ -31,15 +31,15 @@ def _is_tty(stream) -> bool:
 
 # -- sub-commands -------------------------------------------------------------------------
 def cmd_import_gguf(args):
-    from peft_core.checkpoint import resolve_dtype
-    from peft_core.gguf_import import import_gguf
+    from leantune.peft_core.checkpoint import resolve_dtype
+    from leantune.peft_core.gguf_import import import_gguf
 
     out = import_gguf(args.file, args.out_dir, dtype=resolve_dtype(args.dtype))
     print(f"wrote {out}")
 
 
 def cmd_quantize(args):
-    from quant.serialize import quantize_checkpoint
+    from leantune.peft_core.quant_checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(args.model_dir, args.out_dir, quant_type=args.quant,
                               blocksize=args.blocksize, double_quant=not args.no_double_quant,
@@ -50,9 +50,9 @@ def cmd_quantize(args):
 def cmd_generate(args):
     import torch
 
-    from peft_core.checkpoint import load_model
-    from peft_core.generate import generate
-    from peft_core.tokenizer import StreamDecoder, Tokenizer
+    from leantune.peft_core.checkpoint import load_model
+    from leantune.peft_core.generate import generate
+    from leantune.peft_core.tokenizer import StreamDecoder, Tokenizer
 
     if (args.prompt is None) == (args.chat is None):
         raise UsageError("generate", "give exactly one of --prompt TEXT or --chat TEXT")
@@ -65,7 +65,7 @@ def cmd_generate(args):
     model = load_model(args.model_dir, dtype=torch.float32,
                        quant=None if args.quant == "none" else args.quant)
     if args.adapter:
-        from peft_core.adapters import load_adapter  # adapters land with their issue
+        from leantune.peft_core.adapters import load_adapter  # adapters land with their issue
 
         load_adapter(model, args.adapter)
     if args.chat is not None:
@@ -95,8 +95,8 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
-    from train.config import load_config
-    from train.loop import train
+    from leantune.train.config import load_config
+    from leantune.train.loop import train
 
     cfg = load_config(args.config, args.set or [])
     result = train(cfg, resume=args.resume, log=_log)
@@ -108,8 +108,8 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from eval.runner import run_eval
-    from train.config import load_config
+    from leantune.eval.runner import run_eval
+    from leantune.train.config import load_config
 
     cfg = load_config(args.config, args.set or [])
     adapters = None
@@ -135,25 +135,15 @@ def _print_summary(report, out_dir):
 
 
 def cmd_merge(args):
-    from peft_core.adapters import cmd_merge as merge
+    from leantune.peft_core.adapters import cmd_merge as merge
 
     merge(args)
 
 
 def cmd_demo(args):
-    from train.demo import run_demo
+    from leantune.demo import run_demo
 
     run_demo(out=args.out, quick=args.quick, log=_log)
-
-
-def _bench_module():
-    """``bench/`` lives beside the packages in the source tree (not an installed package)."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.append(root)
-    import bench.e2e
-
-    return bench.e2e
 
 
 def _log(msg):
@@ -220,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-quantize the merged weights and report the error")
     s.set_defaults(func=cmd_merge)
 
-    from train.curation import add_data_parser
+    from leantune.train.curation import add_data_parser
 
     add_data_parser(sub)
-    _bench_module().add_bench_parser(sub)
+    from leantune.bench.e2e import add_bench_parser
+
+    add_bench_parser(sub)
 
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
     s.add_argument("--out", default="runs/demo")

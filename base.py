@@ -1,10 +1,16 @@
-"""User-facing errors and the exit statuses of the contract.
+"""The base layer: user-facing errors with the contract's exit statuses, and small helpers.
+
+Every other module may import this one; it imports nothing of leantune's.
 
 Every mistake a user can make (a bad path, a malformed record, a wrong key) is raised as a
 ``LeantuneError`` subclass; the CLI prints ``leantune: error: WHERE: WHAT`` and exits with
 the class's status, without a traceback (``--debug`` shows it).
 """
 from __future__ import annotations
+
+import hashlib
+
+VERSION = "0.1.0"
 
 
 class LeantuneError(Exception):
@@ -40,3 +46,17 @@ class GateError(LeantuneError):
     """An eval gate was not met (exit 5)."""
 
     exit_code = 5
+
+
+def sha256_update(h, f) -> None:
+    """Feed an open binary file into the hash ``h``, a MiB at a time."""
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of a file's bytes (the one hashing helper of provenance and caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        sha256_update(h, f)
+    return h.hexdigest()

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quant import hostpool
-from quant.cpu_kernels import _Loader
-from quant.dispatch import forced_backend
+from leantune.quant import hostpool
+from leantune.quant.cpu_kernels import _Loader
+from leantune.quant.dispatch import forced_backend
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

@@ -1,0 +1,3 @@
+from leantune.cli import entry
+
+entry()
