@@ -8,12 +8,17 @@
  * hands them back for the same size again has neither cost: the shapes of every step repeat.
  *
  * How: lt_pool_alloc returns a DLPack DLManagedTensor (1-D, dtype given) over a pooled
- * block; peft_core/hostpool.py wraps it in a capsule and torch.from_dlpack owns it. When
+ * block; quant/hostpool.py wraps it in a capsule and torch.from_dlpack owns it. When
  * torch frees the storage it calls the deleter, which puts the block on the free list.
  * Sizes are rounded up to a class: whole pages up to 1 MiB, above that eighths of an octave
  * (at most 12.5% over the request), so the varying sequence lengths of real batches map
- * onto a bounded set of classes; a request takes a free block of its class only. Free blocks
- * beyond `limit` bytes are unmapped when freed; lt_pool_release unmaps every free block.
+ * onto a bounded set of classes; a request takes the smallest free block of its class or up
+ * to a quarter larger (best fit).
+ * Bound: the pool never maps more than the most bytes that were ever live at once (what a
+ * step needs). On a miss, the least recently freed blocks are unmapped until the new block
+ * fits under that high-water mark, so batches whose shapes vary from step to step (packing,
+ * the last batch, eval) cannot grow it without end. Free blocks beyond `limit` bytes are
+ * unmapped when freed too; lt_pool_release unmaps every free block.
  * All entry points are thread-safe (one mutex).
  *
  * DLPack structs below follow dlpack.h v0.8 (the unversioned "dltensor" capsule ABI).
@@ -52,8 +57,8 @@ typedef struct Block {
 } Block;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static Block *free_list;
-static size_t cached_bytes, live_bytes, peak_bytes, limit_bytes = (size_t)1 << 40;
+static Block *free_list; /* most recently freed first */
+static size_t cached_bytes, live_bytes, peak_bytes, peak_live_bytes, limit_bytes = (size_t)1 << 40;
 static int64_t n_hits, n_misses;
 
 static void unmap_block(Block *b) {
@@ -85,16 +90,28 @@ static size_t size_class(size_t n) {
     return (n + step - 1) / step * step;
 }
 
+/* Unlink and return the least recently freed block (the list's tail), or NULL. Locked. */
+static Block *pop_oldest(void) {
+    Block **p = &free_list;
+    if (!*p) return NULL;
+    while ((*p)->next) p = &(*p)->next;
+    Block *b = *p;
+    *p = NULL;
+    cached_bytes -= b->size;
+    return b;
+}
+
 /* A DLManagedTensor of `numel` elements of (code, bits), or NULL when out of memory. */
 LT_API DLManagedTensor *lt_pool_alloc(int64_t numel, int code, int bits) {
     if (numel <= 0 || bits <= 0 || bits % 8) return NULL;
     const size_t want = size_class((size_t)numel * (size_t)(bits / 8));
-    Block *b = NULL, **best = NULL;
+    Block *b = NULL, **best = NULL, *drop = NULL;
     pthread_mutex_lock(&lock);
-    for (Block **p = &free_list; *p; p = &(*p)->next) {
-        if ((*p)->size == want) {
+    for (Block **p = &free_list; *p; p = &(*p)->next) { /* best fit within a quarter */
+        size_t size = (*p)->size;
+        if (size >= want && size <= want + want / 4 && (!best || size < (*best)->size)) {
             best = p;
-            break;
+            if (size == want) break;
         }
     }
     if (best) {
@@ -104,8 +121,20 @@ LT_API DLManagedTensor *lt_pool_alloc(int64_t numel, int code, int bits) {
         n_hits++;
     } else {
         n_misses++;
+        /* stay under the high-water mark of live bytes: unmap the oldest free blocks */
+        size_t bound = live_bytes + want > peak_live_bytes ? live_bytes + want : peak_live_bytes;
+        while (live_bytes + cached_bytes + want > bound && free_list) {
+            Block *old = pop_oldest();
+            old->next = drop;
+            drop = old;
+        }
     }
     pthread_mutex_unlock(&lock);
+    while (drop) {
+        Block *next = drop->next;
+        unmap_block(drop);
+        drop = next;
+    }
     if (!b) {
         void *data = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (data == MAP_FAILED) return NULL;
@@ -134,6 +163,7 @@ LT_API DLManagedTensor *lt_pool_alloc(int64_t numel, int code, int bits) {
     mt->deleter = pool_deleter;
     pthread_mutex_lock(&lock);
     live_bytes += b->size;
+    if (live_bytes > peak_live_bytes) peak_live_bytes = live_bytes;
     if (live_bytes + cached_bytes > peak_bytes) peak_bytes = live_bytes + cached_bytes;
     pthread_mutex_unlock(&lock);
     return mt;
@@ -175,7 +205,7 @@ LT_API void lt_pool_set_limit(int64_t bytes) {
     }
 }
 
-/* out[0..5] = live, cached, peak (live + cached) bytes, hits, misses, limit */
+/* out[0..6] = live, cached, peak (live + cached) bytes, hits, misses, limit, peak live bytes */
 LT_API void lt_pool_stats(int64_t *out) {
     pthread_mutex_lock(&lock);
     out[0] = (int64_t)live_bytes;
@@ -184,6 +214,7 @@ LT_API void lt_pool_stats(int64_t *out) {
     out[3] = n_hits;
     out[4] = n_misses;
     out[5] = (int64_t)limit_bytes;
+    out[6] = (int64_t)peak_live_bytes;
     pthread_mutex_unlock(&lock);
 }
 

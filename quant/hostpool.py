@@ -7,14 +7,16 @@ one nearly every request is a hit: no page faults (fresh mmaps cost ~15-30% of a
 and no heap holes (glibc's heap, with saved activations between freed temporaries, keeps the
 peak RSS ~30% above what is live).
 
-Used by the 4-bit linear (``quant/cpu_kernels.py``), the row ops (``peft_core/rowops.py``)
-and the chunked cross-entropy. The pool never shrinks by itself; ``release()`` unmaps the
+Used by the 4-bit linear (``quant/cpu_kernels.py``), the row ops (``quant/rowops.py``)
+and the chunked cross-entropy. Beyond the bound above the pool does not shrink; ``release()`` unmaps the
 free blocks (the trainer calls it after a run), ``stats()`` reports live / cached / peak.
 
 Sizes are rounded up to classes (pages up to 1 MiB, then eighths of an octave: at most
-12.5% over), so batches of varying length reuse blocks too. Free blocks beyond the limit
-(``LEANTUNE_HOSTPOOL_LIMIT`` bytes, default a quarter of physical memory) are unmapped when
-freed, so the pool is bounded whatever the shapes.
+12.5% over), and a request takes the smallest free block up to a quarter larger, so batches
+of varying length reuse blocks too. The pool maps at most the most bytes ever live at once
+(what a step needs): on a miss, the least recently freed blocks are unmapped first, so shapes
+that vary from batch to batch cannot grow it. Free blocks beyond ``LEANTUNE_HOSTPOOL_LIMIT``
+bytes (default a quarter of physical memory) are unmapped when freed as well.
 
 Environment: ``LEANTUNE_HOSTPOOL=0`` turns it off (plain ``torch.empty``). Without a C
 compiler it is off, like the other C kernels.
@@ -95,12 +97,14 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def stats() -> dict:
-    """Bytes live (held by tensors), cached (free in the pool), peak of both; hits, misses."""
+    """Bytes live (held by tensors), cached (free in the pool), peak of both (the pool's
+    high-water mark), peak live; hits, misses, the limit on cached bytes."""
     if _LOADER.get() is None:
         return {}
-    out = (ctypes.c_int64 * 6)()
+    out = (ctypes.c_int64 * 7)()
     _LOADER.get().lt_pool_stats(out)
-    return dict(zip(("live_bytes", "cached_bytes", "peak_bytes", "hits", "misses", "limit_bytes"), out))
+    return dict(zip(("live_bytes", "cached_bytes", "peak_bytes", "hits", "misses", "limit_bytes",
+                     "peak_live_bytes"), out))
 
 
 def release() -> int:

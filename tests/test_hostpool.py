@@ -105,3 +105,39 @@ def test_can_be_turned_off(monkeypatch):
     after = hostpool.stats()
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
     assert t.shape == (1024, 1024)
+
+
+def test_varying_shapes_keep_the_pool_under_the_live_high_water_mark():
+    """Steps whose shapes change every time (packed batches of varying length) must not grow
+    the pool: it maps at most the most bytes ever live at once, however many shapes pass."""
+    hostpool.release()
+    rng = random.Random(0)
+    marks = []
+    for step in range(60):
+        seq = rng.choice(range(64, 1025, 8))  # a new length nearly every step
+        held = [hostpool.empty((4 * seq, 576)) for _ in range(6)]  # a step's activations
+        held += [hostpool.empty((seq, 1536 + 64 * rng.randrange(8)))]
+        s = hostpool.stats()
+        assert s["live_bytes"] + s["cached_bytes"] <= s["peak_live_bytes"]
+        del held
+        gc.collect()
+        marks.append(hostpool.stats()["live_bytes"] + hostpool.stats()["cached_bytes"])
+    s = hostpool.stats()
+    # after the first steps the footprint stays bounded by the largest step, not the shapes seen
+    assert max(marks) <= s["peak_live_bytes"]
+    assert s["peak_live_bytes"] <= 7 * 4 * 1024 * 576 * 4 * 1.3 + 1024 * 2048 * 4 * 1.3
+    assert s["hits"] > 0
+
+
+def test_best_fit_reuses_a_slightly_larger_free_block():
+    hostpool.release()
+    a = hostpool.empty((1200, 1000))  # 4.8 MB class
+    ptr = a.data_ptr()
+    del a
+    gc.collect()
+    b = hostpool.empty((1000, 1000))  # 4 MiB class: the free 4.8 MB block is within a quarter
+    assert b.data_ptr() == ptr
+    del b
+    gc.collect()
+    c = hostpool.empty((700, 1000))  # far smaller: not handed a block 70% too large
+    assert c.data_ptr() != ptr
