@@ -394,24 +394,46 @@ LT_EXPORT void lt_dequant4_f16(const uint8_t *packed, const float *absmax, const
 }
 
 /*
- * A tile of the matrix W [rows, cols] (row-major, flat index r * cols + c) to fp32:
+ * A tile of the matrix W [rows, cols] (row-major, flat index r * cols + c) to fp32 or bf16:
  *   out[r * ld_out + c] = W[row0 + r, col0 + c]   for r < n_rows, c < n_cols.
  * Used by the tiled linear: row tiles (n_cols == cols) for y = x @ W^T, column tiles for
- * y = x @ W. Threads split the rows.
+ * y = x @ W. Threads split the rows. The bf16 tile rounds the fp32 products to nearest even.
  */
+static void lt_dequant_tile(const uint8_t *packed, const float *absmax, const float *code,
+                            int64_t blocksize, int64_t cols, int64_t row0, int64_t n_rows,
+                            int64_t col0, int64_t n_cols, void *out, int64_t ld_out, int kind,
+                            int nthreads)
+{
+    const int nt = lt_threads_for(n_rows * n_cols, LT_MIN_ELEMS_PER_THREAD / 2,
+                                  (int64_t)nthreads < n_rows ? nthreads : (int)n_rows);
+    const int64_t elem_size = kind == LT_F32 ? 4 : 2;
+    (void)nt; /* unused without OpenMP */
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t r = 0; r < n_rows; r++) {
+        void *row_out = (char *)out + r * ld_out * elem_size;
+        if (kind == LT_F32)
+            lt_dequant_range(packed, absmax, code, blocksize, (row0 + r) * cols + col0, n_cols, row_out, LT_F32);
+        else
+            lt_dequant_range(packed, absmax, code, blocksize, (row0 + r) * cols + col0, n_cols, row_out, LT_BF16);
+    }
+}
+
 LT_EXPORT void lt_dequant4_tile_f32(const uint8_t *packed, const float *absmax, const float *code,
                                     int64_t blocksize, int64_t cols,
                                     int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
                                     float *out, int64_t ld_out, int nthreads)
 {
-    const int nt = lt_threads_for(n_rows * n_cols, LT_MIN_ELEMS_PER_THREAD / 2,
-                                  (int64_t)nthreads < n_rows ? nthreads : (int)n_rows);
-    (void)nt; /* unused without OpenMP */
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t r = 0; r < n_rows; r++) {
-        lt_dequant_range(packed, absmax, code, blocksize, (row0 + r) * cols + col0, n_cols,
-                         out + r * ld_out, LT_F32);
-    }
+    lt_dequant_tile(packed, absmax, code, blocksize, cols, row0, n_rows, col0, n_cols, out, ld_out,
+                    LT_F32, nthreads);
+}
+
+LT_EXPORT void lt_dequant4_tile_bf16(const uint8_t *packed, const float *absmax, const float *code,
+                                     int64_t blocksize, int64_t cols,
+                                     int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
+                                     uint16_t *out, int64_t ld_out, int nthreads)
+{
+    lt_dequant_tile(packed, absmax, code, blocksize, cols, row0, n_rows, col0, n_cols, out, ld_out,
+                    LT_BF16, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------ */

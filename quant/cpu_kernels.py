@@ -62,6 +62,7 @@ _SIGNATURES = {
     "lt_dequant4_bf16": (None, [_P, _P, _P, _I64, _I64, _P, _INT]),
     "lt_dequant4_f16": (None, [_P, _P, _P, _I64, _I64, _P, _INT]),
     "lt_dequant4_tile_f32": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT]),
+    "lt_dequant4_tile_bf16": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT]),
     "lt_quant4_f32": (_I64, [_P, _I64, _P, _P, _I64, _P, _P, _INT]),
     "lt_gemv4_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
     "lt_gemv4_t_f32": (_INT, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _I64, _INT]),
@@ -366,13 +367,14 @@ def _tile_width(extent: int, depth: int) -> int:
 _WORKSPACE = threading.local()
 
 
-def _workspace(numel: int) -> torch.Tensor:
-    """This thread's fp32 tile buffer, at least ``numel`` long: kept between calls (grown,
-    never shrunk; at most max(TILE_ELEMS, 16 x depth) weights) instead of a fresh allocation
-    per matmul, which costs page faults and leaves holes in the heap."""
-    buf = getattr(_WORKSPACE, "buf", None)
+def _workspace(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's tile buffer of ``dtype``, at least ``numel`` long: kept between calls
+    (grown, never shrunk; at most max(TILE_ELEMS, 16 x depth) weights) instead of a fresh
+    allocation per matmul, which costs page faults and leaves holes in the heap."""
+    bufs = _WORKSPACE.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buf = torch.empty(numel, dtype=torch.float32)
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -389,12 +391,17 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
         forward:   tile = W[n0:n1, :]      y[:, n0:n1] = x @ tile^T
         transpose: tile = W[:, k0:k1]      y[:, k0:k1] = x @ tile
     The weights are bit-exact; the sums follow the GEMM's order (fp32, ~1e-6 relative).
+
+    x may be fp32 or bf16; y has x's dtype. In bf16 the tiles are dequantized straight to
+    bf16 (the fp32 products rounded to nearest even, what ``dequantize_4bit(..., bf16)``
+    gives) and the GEMMs run in bf16 (oneDNN: native on CPUs with avx512_bf16 / AMX, with
+    fp32 accumulation); the GEMV path computes in fp32 and rounds y once.
     """
     blocksize = _check_blocksize(blocksize)
     N, K = int(out_features), int(in_features)
     if N <= 0 or K <= 0:
         raise ValueError(f"out_features and in_features must be positive, got {N}, {K}")
-    _check(x, "x", torch.float32, ndim=2)
+    _check(x, "x", torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, ndim=2)
     _check_codes(packed, absmax, code, blocksize, N * K)
     x_cols, y_cols = (N, K) if transpose else (K, N)
     if x.shape[1] != x_cols:
@@ -403,37 +410,41 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
     M = x.shape[0]
     from leantune.quant import hostpool  # (imports this module: not at the top)
 
-    y = hostpool.empty((M, y_cols), torch.float32)
-    if M == 0:
-        return y
-    lib = _lib()
-    nt = _threads()
-    args = (_ptr(packed), _ptr(absmax), _ptr(code), blocksize)
-
     if M <= (GEMV_T_MAX_M if transpose else GEMV_MAX_M):
-        gemv = lib.lt_gemv4_t_f32 if transpose else lib.lt_gemv4_f32
-        if gemv(_ptr(x), x_cols, M, *args, N, K, _ptr(y), y_cols, nt) != 0:
+        if x.dtype == torch.bfloat16:  # the GEMV reads fp32 rows
+            return linear_4bit_cpu(x.float(), packed, absmax, code, blocksize, N, K, transpose).bfloat16()
+        y = hostpool.empty((M, y_cols), torch.float32)
+        if M == 0:
+            return y
+        gemv = _lib().lt_gemv4_t_f32 if transpose else _lib().lt_gemv4_f32
+        if gemv(_ptr(x), x_cols, M, _ptr(packed), _ptr(absmax), _ptr(code), blocksize, N, K,
+                _ptr(y), y_cols, _threads()) != 0:
             raise MemoryError("linear_4bit_cpu: out of memory for the GEMV row buffer")
         return y
 
+    y = hostpool.empty((M, y_cols), x.dtype)
+    nt = _threads()
+    args = (_ptr(packed), _ptr(absmax), _ptr(code), blocksize)
+    dequant_tile = _lib().lt_dequant4_tile_bf16 if x.dtype == torch.bfloat16 else _lib().lt_dequant4_tile_f32
+
     if not transpose:
         rows = _tile_width(N, K)
-        buf = _workspace(rows * K)
+        buf = _workspace(rows * K, x.dtype)
         for n0 in range(0, N, rows):
             nr = min(rows, N - n0)
             tile = buf[: nr * K].view(nr, K)
             # tile = W[n0:n0+nr, :]
-            lib.lt_dequant4_tile_f32(*args, K, n0, nr, 0, K, _ptr(tile), K, nt)
+            dequant_tile(*args, K, n0, nr, 0, K, _ptr(tile), K, nt)
             # y[:, n0:n0+nr] = x @ tile^T
             torch.mm(x, tile.t(), out=y[:, n0:n0 + nr])
     else:
         cols = _tile_width(K, N)
-        buf = _workspace(N * cols)
+        buf = _workspace(N * cols, x.dtype)
         for k0 in range(0, K, cols):
             kc = min(cols, K - k0)
             tile = buf[: N * kc].view(N, kc)
             # tile = W[:, k0:k0+kc]
-            lib.lt_dequant4_tile_f32(*args, K, 0, N, k0, kc, _ptr(tile), kc, nt)
+            dequant_tile(*args, K, 0, N, k0, kc, _ptr(tile), kc, nt)
             # y[:, k0:k0+kc] = x @ tile
             torch.mm(x, tile, out=y[:, k0:k0 + kc])
     return y

@@ -247,6 +247,48 @@ def test_linear_gemv_and_tiled_paths_agree(M, monkeypatch):
     _close(gemv_t, cpu_kernels.linear_4bit_cpu(dy, packed, absmax, code, 64, N, K, transpose=True))
 
 
+def _rel(got, want64):
+    return float((got.double() - want64).norm() / want64.norm().clamp(min=1e-300))
+
+
+@needs_c
+@pytest.mark.parametrize("tile_elems", [1 << 18, 1000])
+@pytest.mark.parametrize("M,K,N", LINEAR_SHAPES)
+def test_linear_bf16_within_twice_eager_bf16_error(M, K, N, tile_elems, monkeypatch):
+    """bf16 x: bf16 tiles + bf16 GEMMs (GEMV sizes: fp32 inside, one rounding of y). Against
+    the float64 product of the same bf16 inputs, its error is at most twice eager bf16's
+    (x_bf16 @ W_bf16^T), and the output is bf16."""
+    monkeypatch.setattr(cpu_kernels, "TILE_ELEMS", tile_elems)
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    quant_type, blocksize = ("nf4", 64) if (M + K) % 2 else ("fp4", 32)
+    code = ref.get_code(quant_type)
+    packed, absmax = cpu_kernels.quantize_4bit_cpu(torch.randn(N, K, generator=g), code, blocksize)
+    wd = _dequant_matrix(packed, absmax, quant_type, blocksize, N, K)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    dy = torch.randn(M, N, generator=g).bfloat16()
+    for inp, transpose, w64 in ((x, False, wd.double().t()), (dy, True, wd.double())):
+        got = cpu_kernels.linear_4bit_cpu(inp, packed, absmax, code, blocksize, N, K, transpose=transpose)
+        assert got.dtype == torch.bfloat16 and got.shape == (M, K if transpose else N)
+        want = inp.double() @ w64
+        eager = (inp @ (wd.bfloat16().t() if not transpose else wd.bfloat16())).double()
+        assert _rel(got, want) <= 2 * _rel(eager, want) + 1e-7
+
+
+@needs_c
+def test_bf16_tiles_equal_the_bf16_dequantize():
+    """The bf16 tile kernel gives exactly dequantize_4bit(..., bfloat16), row and column tiles."""
+    N, K, bs = 96, 320, 64
+    code = ref.get_code("nf4")
+    packed, absmax = cpu_kernels.quantize_4bit_cpu(torch.randn(N, K), code, bs)
+    want = ref.dequantize_4bit(packed, _state(absmax, "nf4", bs, (N, K)), torch.bfloat16)
+    lib, ptr = cpu_kernels._lib(), cpu_kernels._ptr
+    for row0, n_rows, col0, n_cols in ((0, N, 0, K), (17, 40, 0, K), (0, N, 64, 131)):
+        tile = torch.empty(n_rows, n_cols, dtype=torch.bfloat16)
+        lib.lt_dequant4_tile_bf16(ptr(packed), ptr(absmax), ptr(code), bs, K, row0, n_rows, col0, n_cols,
+                                  ptr(tile), n_cols, 2)
+        assert torch.equal(tile, want[row0:row0 + n_rows, col0:col0 + n_cols])
+
+
 # ---------------------------------------------------------------------------------------
 # bad arguments
 
