@@ -116,7 +116,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transpose: bool = False) -> torch.Tensor:
     """``x @ W^T`` ((..., in) -> (..., out)), or ``x @ W`` with ``transpose``; W [out, in] in 4 bits.
 
-    The output has x's dtype. CPU kernels take fp32 x (other dtypes are upcast, then cast back).
+    The output has x's dtype. CPU kernels take fp32 and bf16 x (bf16 runs bf16 tiles and
+    GEMMs); other dtypes are upcast to fp32, then cast back.
     """
     backend = backend_for(x)
     if backend == "triton":
@@ -129,7 +130,8 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transp
         if x.shape[-1] != red:
             raise ValueError(f"x has {x.shape[-1]} features, the {'transposed ' if transpose else ''}"
                              f"4-bit weight [{n_out}, {n_in}] needs {red}")
-        x2 = x.reshape(-1, red).float().contiguous()  # (M, red)
+        native = x.dtype in (torch.float32, torch.bfloat16)
+        x2 = (x if native else x.float()).reshape(-1, red).contiguous()  # (M, red)
         y = _cpu().linear_4bit_cpu(x2, flat, absmax, code, state.blocksize, n_out, n_in, transpose)
         return y.to(x.dtype).reshape(*x.shape[:-1], cols)
     from leantune.quant.matmul4bit import matmul_4bit_reference
