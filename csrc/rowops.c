@@ -1,11 +1,12 @@
 /*
  * rowops.c: fused CPU kernels for the decoder's elementwise and per-row ops (leantune).
  *
- * Plain C ABI over raw pointers, loaded with ctypes by peft_core/cpu_ops.py, which compiles
+ * Plain C ABI over raw pointers, loaded with ctypes by quant/rowops.py, which compiles
  * this file on first use (the loader of quant/cpu_kernels.py). The PyTorch expressions in
  * peft_core/model.py (RMSNorm, SwiGLU) are the spec; these kernels compute the same math in
  * one pass over memory where PyTorch's autograd takes four to eight, and the tests compare
- * them with the spec in float64. All tensors are fp32, contiguous, rows of C elements.
+ * them with the spec in float64. Tensors are fp32 (or bf16: the twins at the end), contiguous,
+ * rows of C elements.
  *
  *   RMSNorm     r[i]  = 1 / sqrt(mean_c x[i,c]^2 + eps)            (sum of squares in double)
  *               y     = w * (x * r)
@@ -183,5 +184,104 @@ LT_API void lt_xent_rows_f32(float *z, const int64_t *tgt, float *lse, float *zt
 #pragma omp simd
         for (int64_t j = 0; j < V; j++) zi[j] *= inv;
         zi[t] -= 1.0f;
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* bf16 twins: bf16 in and out, fp32 math inside, one rounding to nearest even per output
+ * (c10's rounding; NaN as its quiet NaN). RMSNorm rounds x * r before the scale, as the
+ * spec does; rstd and the cross-entropy rows stay fp32. */
+
+static inline float lt_bf(uint16_t u) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)u << 16};
+    return v.f;
+}
+
+static inline uint16_t lt_to_bf(float f) {
+    union { float f; uint32_t u; } v = {.f = f};
+    if (f != f) return 0x7fc0;
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+LT_API void lt_rmsnorm_fwd_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, float *rstd, int64_t rows,
+                                int64_t C, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * C >= 65536)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *xi = x + i * C;
+        uint16_t *yi = y + i * C;
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < C; c++) ss += (double)lt_bf(xi[c]) * (double)lt_bf(xi[c]);
+        float r = (float)(1.0 / sqrt(ss / (double)C + (double)eps));
+        rstd[i] = r;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++) yi[c] = lt_to_bf(lt_bf(w[c]) * lt_bf(lt_to_bf(lt_bf(xi[c]) * r)));
+    }
+}
+
+LT_API void lt_rmsnorm_bwd_bf16(const uint16_t *x, const uint16_t *w, const float *rstd, const uint16_t *dy,
+                                uint16_t *dx, int64_t rows, int64_t C, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * C >= 65536)
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *xi = x + i * C, *dyi = dy + i * C;
+        uint16_t *dxi = dx + i * C;
+        const float r = rstd[i];
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; c++) dot += lt_bf(dyi[c]) * lt_bf(w[c]) * (lt_bf(xi[c]) * r);
+        const float m = dot / (float)C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            dxi[c] = lt_to_bf(r * (lt_bf(dyi[c]) * lt_bf(w[c]) - (lt_bf(xi[c]) * r) * m));
+    }
+}
+
+LT_API void lt_swiglu_fwd_bf16(const uint16_t *restrict a, const uint16_t *restrict b, uint16_t *restrict h,
+                               int64_t n, int nt) {
+    const int64_t chunks = (n + LT_CHUNK - 1) / LT_CHUNK;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && chunks > 1)
+    for (int64_t k = 0; k < chunks; k++) {
+        const int64_t lo = k * LT_CHUNK, hi = lo + LT_CHUNK < n ? lo + LT_CHUNK : n;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; j++) {
+            const float aj = lt_bf(a[j]);
+            const float s = 1.0f / (1.0f + lt_exp(-aj));
+            h[j] = lt_to_bf((aj * s) * lt_bf(b[j]));
+        }
+    }
+}
+
+LT_API void lt_swiglu_bwd_bf16(const uint16_t *restrict a, const uint16_t *restrict b, const uint16_t *restrict dh,
+                               uint16_t *restrict da, uint16_t *restrict db, int64_t n, int nt) {
+    const int64_t chunks = (n + LT_CHUNK - 1) / LT_CHUNK;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && chunks > 1)
+    for (int64_t k = 0; k < chunks; k++) {
+        const int64_t lo = k * LT_CHUNK, hi = lo + LT_CHUNK < n ? lo + LT_CHUNK : n;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; j++) {
+            const float aj = lt_bf(a[j]), g = lt_bf(dh[j]);
+            const float s = 1.0f / (1.0f + lt_exp(-aj));
+            const float ds = s * (1.0f + aj * (1.0f - s));
+            da[j] = lt_to_bf(g * lt_bf(b[j]) * ds);
+            db[j] = lt_to_bf(g * (aj * s));
+        }
+    }
+}
+
+LT_API void lt_rope_bf16(const uint16_t *x, int64_t sb, int64_t sh, int64_t st, uint16_t *out,
+                         const uint16_t *cos_, const uint16_t *sin_, int64_t cs_b, int64_t B, int64_t H,
+                         int64_t T, int64_t D, int backward, int nt) {
+    const int64_t h = D / 2, rows = B * H * T;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * D >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t b = r / (H * T), hd = (r / T) % H, t = r % T;
+        const uint16_t *xr = x + b * sb + hd * sh + t * st;
+        const uint16_t *c = cos_ + b * cs_b + t * D, *s = sin_ + b * cs_b + t * D;
+        uint16_t *o = out + r * D;
+        const float sign = backward ? -1.0f : 1.0f; /* backward: the transposed rotation */
+        for (int64_t i = 0; i < h; i++)
+            o[i] = lt_to_bf(lt_bf(xr[i]) * lt_bf(c[i]) - sign * lt_bf(xr[i + h]) * lt_bf(s[backward ? i + h : i]));
+        for (int64_t i = h; i < D; i++)
+            o[i] = lt_to_bf(lt_bf(xr[i]) * lt_bf(c[i]) + sign * lt_bf(xr[i - h]) * lt_bf(s[backward ? i - h : i]));
     }
 }

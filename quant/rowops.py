@@ -7,9 +7,10 @@
 The spec is the plain PyTorch expression (``rms_norm_reference``, ``swiglu_reference``);
 autograd through it takes four to eight passes over memory for each backward. The Functions
 here save only what the backward needs (x and r for the norm; g and u for SwiGLU, never
-silu(g)) and, for fp32 tensors on the CPU, run the kernels of ``csrc/rowops.c``, one pass
-each way. Elsewhere (GPU, half precisions, ``LEANTUNE_BACKEND=reference``, no compiler) the
-same Functions compute with PyTorch ops. Backward formulas, with g = dL/dy:
+silu(g)) and, for fp32 or bf16 tensors on the CPU, run the kernels of ``csrc/rowops.c``, one
+pass each way (bf16: fp32 math inside, one rounding per output). Elsewhere (GPU, fp16, mixed
+dtypes, ``LEANTUNE_BACKEND=reference``, no compiler) the same Functions compute with PyTorch
+ops. Backward formulas, with g = dL/dy:
 
     RMSNorm   xh = x * r;   dx = r * (g*w - xh * mean(g*w*xh, -1));   dw = sum_rows(g * xh)
     SwiGLU    s = sigmoid(g);   dg = dh * u * s * (1 + g * (1 - s));   du = dh * g * s
@@ -40,15 +41,25 @@ _LOADER = _Loader(SOURCE, {
     "lt_swiglu_bwd_f32": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
     "lt_rope_f32": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
     "lt_xent_rows_f32": (None, [_P, _P, _P, _P, _I64, _I64, _INT]),
+    "lt_rmsnorm_fwd_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _F, _INT]),
+    "lt_rmsnorm_bwd_bf16": (None, [_P, _P, _P, _P, _P, _I64, _I64, _INT]),
+    "lt_swiglu_fwd_bf16": (None, [_P, _P, _P, _I64, _INT]),
+    "lt_swiglu_bwd_bf16": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
+    "lt_rope_bf16": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
 }, what="C row kernels")
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def _use_c(*tensors) -> bool:
-    """The C kernels run when every tensor is fp32 on the CPU and the library builds (and
-    ``LEANTUNE_BACKEND`` does not force the reference)."""
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
-        return False
-    return forced_backend() != "reference" and _LOADER.get() is not None
+def _c_kernel(name: str, *tensors):
+    """The C kernel ``lt_{name}_f32`` (every tensor fp32) or ``lt_{name}_bf16`` (every tensor
+    bf16) when all are on the CPU and the library builds (and ``LEANTUNE_BACKEND`` does not
+    force the reference); else None and the caller runs the PyTorch spec."""
+    suffix = _SUFFIX.get(tensors[0].dtype)
+    if suffix is None or not all(t.dtype == tensors[0].dtype and t.device.type == "cpu" for t in tensors):
+        return None
+    if forced_backend() == "reference" or _LOADER.get() is None:
+        return None
+    return getattr(_LOADER.get(), f"lt_{name}_{suffix}")
 
 
 def _threads() -> int:
@@ -70,11 +81,12 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
-        if _use_c(x2, weight):
+        kernel = _c_kernel("rmsnorm_fwd", x2, weight)
+        if kernel is not None:
             x2, w = x2.contiguous(), weight.contiguous()
             y = hostpool.empty_like(x2)
             rstd = torch.empty(x2.shape[0], dtype=torch.float32)
-            _LOADER.get().lt_rmsnorm_fwd_f32(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+            kernel(x2.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr(),
                                              x2.shape[0], C, eps, _threads())
         else:
             rstd = torch.rsqrt(x2.float().pow(2).mean(-1) + eps)  # (rows,) fp32
@@ -89,10 +101,11 @@ class RMSNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, C)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            if _use_c(x2, weight, dy2):
+            kernel = _c_kernel("rmsnorm_bwd", x2, weight, dy2)
+            if kernel is not None:
                 dy2 = dy2.contiguous()
                 dx = hostpool.empty_like(x2)
-                _LOADER.get().lt_rmsnorm_bwd_f32(x2.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(),
+                kernel(x2.data_ptr(), weight.contiguous().data_ptr(), rstd.data_ptr(),
                                                  dy2.data_ptr(), dx.data_ptr(), x2.shape[0], C, _threads())
             else:
                 xh = x2.float() * rstd[:, None]
@@ -119,10 +132,11 @@ def swiglu_reference(g, u):
 
 def swiglu_forward(g, u):
     """silu(g) * u without autograd (also the recompute of the MLP's saved activation)."""
-    if _use_c(g, u) and g.shape == u.shape:
+    kernel = _c_kernel("swiglu_fwd", g, u) if g.shape == u.shape else None
+    if kernel is not None:
         g, u = g.contiguous(), u.contiguous()
         h = hostpool.empty_like(g)
-        _LOADER.get().lt_swiglu_fwd_f32(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), _threads())
+        kernel(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel(), _threads())
         return h
     return F.silu(g) * u
 
@@ -139,10 +153,11 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        if _use_c(g, u, dy) and g.shape == u.shape == dy.shape:
+        kernel = _c_kernel("swiglu_bwd", g, u, dy) if g.shape == u.shape == dy.shape else None
+        if kernel is not None:
             g, u, dy = g.contiguous(), u.contiguous(), dy.contiguous()
             dg, du = hostpool.empty_like(g), hostpool.empty_like(u)
-            _LOADER.get().lt_swiglu_bwd_f32(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
+            kernel(g.data_ptr(), u.data_ptr(), dy.data_ptr(), dg.data_ptr(),
                                             du.data_ptr(), g.numel(), _threads())
             return dg, du
         g32 = g.to(torch.promote_types(g.dtype, torch.float32))  # half precisions in fp32
@@ -170,7 +185,7 @@ def _rope_c(x, cos, sin, backward: bool):
         x = x.contiguous()
     B, H, T, D = x.shape
     out = hostpool.empty((B, H, T, D), x.dtype)
-    _LOADER.get().lt_rope_f32(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(),
+    _c_kernel("rope", x, cos, sin)(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), out.data_ptr(),
                               cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0,
                               B, H, T, D, int(backward), _threads())
     return out
@@ -192,12 +207,12 @@ class RoPEFunction(torch.autograd.Function):
 
 def apply_rope(x, cos, sin):
     """Rotary embedding of x (B, H, T, D) with cos / sin (B or 1, 1, T, D): the C kernel for
-    fp32 CPU tensors of those shapes (unit stride over D, tables contiguous over T and D),
+    fp32 or bf16 CPU tensors of those shapes (unit stride over D, tables contiguous over T and D),
     else the spec."""
     if (x.dim() == 4 and cos.dim() == 4 and cos.shape == sin.shape and x.shape[-1] % 2 == 0
             and cos.shape[1] == 1 and cos.shape[2:] == x.shape[2:] and cos.shape[0] in (1, x.shape[0])
             and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.stride(2) == x.shape[-1]
-            and not (cos.requires_grad or sin.requires_grad) and _use_c(x, cos, sin)):
+            and not (cos.requires_grad or sin.requires_grad) and _c_kernel("rope", x, cos, sin) is not None):
         return RoPEFunction.apply(x, cos, sin)
     return rope_reference(x, cos, sin)
 
@@ -207,7 +222,7 @@ def xent_rows_(z, targets):
     """For logits z (n, V) fp32 and targets (n,): returns (lse, z_target) and overwrites z with
     softmax(z) - onehot(targets), the gradient of each row's loss; None when the C kernel
     cannot run (the caller computes it with PyTorch ops)."""
-    if not (_use_c(z) and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
+    if not (z.dtype == torch.float32 and _c_kernel("xent_rows", z) is not None and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
             and targets.shape[0] == z.shape[0] and z.shape[1] > 0):
         return None
     t = targets.to(torch.int64).contiguous()
@@ -215,6 +230,6 @@ def xent_rows_(z, targets):
         raise IndexError(f"target out of range for {z.shape[1]} classes")
     lse = torch.empty(z.shape[0], dtype=torch.float32)
     zt = torch.empty(z.shape[0], dtype=torch.float32)
-    _LOADER.get().lt_xent_rows_f32(z.data_ptr(), t.data_ptr(), lse.data_ptr(), zt.data_ptr(),
+    _c_kernel("xent_rows", z)(z.data_ptr(), t.data_ptr(), lse.data_ptr(), zt.data_ptr(),
                                    z.shape[0], z.shape[1], _threads())
     return lse, zt

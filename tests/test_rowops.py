@@ -1,4 +1,4 @@
-"""The fused row ops (peft_core/rowops.py, csrc/rowops.c) against float64 references, and the
+"""The fused row ops (quant/rowops.py, csrc/rowops.c) against float64 references, and the
 block's recompute of saved activations (peft_core/model.py ``recompute_saved``) against the
 plain backward: the same gradients bit for bit, and less kept for the backward."""
 from __future__ import annotations
@@ -224,3 +224,92 @@ def test_xent_rows_rejects_out_of_range_targets():
         rowops.xent_rows_(z, torch.tensor([0, -1, 3, 2]))
     lse, zt = rowops.xent_rows_(z.clone(), torch.tensor([0, 1, 9, 2]))
     torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+
+
+# -- bf16: the C twins against float64, at most twice the error of the PyTorch bf16 path ----
+def _err(got, want64):
+    return float((got.double() - want64).norm() / want64.norm().clamp(min=1e-300))
+
+
+def _both_paths(fn, monkeypatch):
+    """fn() on the C path and on the reference path, each returning a tuple of tensors."""
+    monkeypatch.delenv("LEANTUNE_BACKEND", raising=False)
+    c = fn()
+    monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    ref = fn()
+    monkeypatch.delenv("LEANTUNE_BACKEND", raising=False)
+    return c, ref
+
+
+def _check_bf16(c, ref, want64):
+    for got, eager, want in zip(c, ref, want64):
+        assert got.dtype == torch.bfloat16
+        assert _err(got, want) <= 2 * _err(eager, want) + 1e-6
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(3, 7), (4, 33, 576), (1000, 17)], ids=str)
+def test_rms_norm_bf16_kernel(shape, monkeypatch):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g).bfloat16()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).bfloat16()
+    dy = torch.randn(*shape, generator=g).bfloat16()
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y = rowops.rms_norm(xx, w, 1e-5)
+        (dx,) = torch.autograd.grad(y, xx, dy)
+        return y, dx
+
+    c, ref = _both_paths(run, monkeypatch)
+    assert rowops._c_kernel("rmsnorm_fwd", x, w).__name__ == "lt_rmsnorm_fwd_bf16"
+    x64 = x.double().requires_grad_()
+    y64 = _rms64(x64, w, 1e-5)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    _check_bf16(c, ref, (y64.detach(), dx64))
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(7, 3), (4, 256, 112), (16385,)], ids=str)
+def test_swiglu_bf16_kernel(shape, monkeypatch):
+    gen = torch.Generator().manual_seed(len(shape))
+    a, b = (4 * torch.randn(*shape, generator=gen)).bfloat16(), torch.randn(*shape, generator=gen).bfloat16()
+    dh = torch.randn(*shape, generator=gen).bfloat16()
+
+    def run():
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        h = rowops.SwiGLU.apply(aa, bb)
+        da, db = torch.autograd.grad(h, (aa, bb), dh)
+        return h, da, db
+
+    c, ref = _both_paths(run, monkeypatch)
+    assert rowops._c_kernel("swiglu_bwd", a, b, dh).__name__ == "lt_swiglu_bwd_bf16"
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    h64 = F.silu(a64) * b64
+    da64, db64 = torch.autograd.grad(h64, (a64, b64), dh.double())
+    _check_bf16(c, ref, (h64.detach(), da64, db64))
+
+
+@needs_c
+def test_rope_bf16_kernel(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, D = 2, 3, 9, 16
+    x = torch.randn(B, H, T, D, generator=gen).bfloat16()
+    ang = torch.rand(1, 1, T, D // 2, generator=gen) * 6
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    gy = torch.randn(B, H, T, D, generator=gen).bfloat16()
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y = rowops.apply_rope(xx, cos, sin)
+        (dx,) = torch.autograd.grad(y, xx, gy)
+        return y, dx
+
+    c, ref = _both_paths(run, monkeypatch)
+    x64 = x.double().requires_grad_()
+    y64 = rowops.rope_reference(x64, cos.double(), sin.double())
+    (dx64,) = torch.autograd.grad(y64, x64, gy.double())
+    _check_bf16(c, ref, (y64.detach(), dx64))
+    # the C path really ran: its Function is in the graph
+    assert type(rowops.apply_rope(x.clone().requires_grad_(), cos, sin).grad_fn).__name__.startswith("RoPEFunction")
