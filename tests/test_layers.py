@@ -9,8 +9,9 @@ Each layer may import its own layer and the layers below it, never one above:
                                           tokenizer, generation, adapters and variants
     3  leantune.train                     data, config, the loop and its parts
     4  leantune.eval                      metrics, runner, report
-    5  leantune.bench                     benchmarks
-    6  leantune.cli, leantune.demo,       the wiring on top, which alone may import everything
+    5  leantune.serve                     the OpenAI-compatible server (engine + HTTP)
+    6  leantune.bench                     benchmarks (of everything below, the server included)
+    7  leantune.cli, leantune.demo,       the wiring on top, which alone may import everything
        leantune (__init__, __main__)
 
 On top of the layers, the imports that run when a module is imported (its top-level
@@ -24,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("quant", "peft_core", "train", "eval", "bench")
-LAYERS = {"base": 0, "quant": 1, "peft_core": 2, "train": 3, "eval": 4, "bench": 5,
-          "cli": 6, "demo": 6, "__main__": 6, "": 6}
+LAYERS = {"base": 0, "quant": 1, "peft_core": 2, "train": 3, "eval": 4, "serve": 5, "bench": 6,
+          "cli": 7, "demo": 7, "__main__": 7, "": 7}
 
 
 def module_name(rel: Path) -> str:
