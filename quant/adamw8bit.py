@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from leantune.quant.dispatch import forced_backend
+from leantune.quant.dispatch import forced_backend, op_backend
 from leantune.quant.functional import create_dynamic_map, dequantize_blockwise_8bit
 
 BLOCK = 256
@@ -108,12 +108,10 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _step_fn(self, p):
         """The 8-bit step for ``p``: the Triton kernel or the reference."""
-        backend = self.backend or forced_backend()
-        if backend == "triton" and _triton_step() is None:
-            raise RuntimeError("the Triton 8-bit AdamW was forced but train.triton_adamw8bit cannot be imported")
-        if backend == "triton" or (backend is None and p.is_cuda and _triton_step() is not None):
-            return _triton_step()
-        return adamw8bit_step
+        if (self.backend or forced_backend()) == "triton" and _triton_step() is None:
+            raise RuntimeError("the Triton 8-bit AdamW was forced but quant.triton_adamw8bit cannot be imported")
+        backend = self.backend or op_backend(p, triton=_triton_step() is not None)
+        return _triton_step() if backend == "triton" else adamw8bit_step
 
     def _init_state(self, p, state):
         """Zero moments: fp32 for a small tensor, else the codes of 0.0 with absmax 0 (which

@@ -1,4 +1,8 @@
-"""The one place that picks the backend of the 4-bit ops: reference, C (CPU) or Triton (CUDA).
+"""The one place that picks a backend: reference, C (CPU) or Triton (CUDA).
+
+``backend_for`` decides for the 4-bit ops; ``op_backend`` applies the same rule to the other
+ops with kernels (the row ops and the cross-entropy rows of ``quant/rowops.py``, the 8-bit
+AdamW), each of which has only some of the backends.
 
     auto (default)  CUDA tensors -> Triton, CPU tensors -> the C kernels when they build,
                     anything else, or a backend that cannot be imported -> the reference
@@ -137,3 +141,19 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transp
     from leantune.quant.matmul4bit import matmul_4bit_reference
 
     return matmul_4bit_reference(x, packed, state, transpose)
+
+
+def op_backend(t: torch.Tensor, *, cpu: bool = False, triton: bool = False) -> str:
+    """The backend of an op other than the 4-bit ones, on ``t``: ``cpu`` / ``triton`` say
+    whether the op has that kernel and it is usable. The rule of ``backend_for``: a forced
+    backend wins where the op has it (an op without it runs the reference: the row ops have
+    no Triton kernel when the 4-bit ops are forced to Triton); otherwise Triton for CUDA
+    tensors, C for CPU tensors, else the reference."""
+    forced = forced_backend()
+    if forced is not None:
+        return forced if {"cpu": cpu, "triton": triton}.get(forced, True) else "reference"
+    if t.device.type == "cuda" and triton:
+        return "triton"
+    if t.device.type == "cpu" and cpu:
+        return "cpu"
+    return "reference"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from leantune.quant import hostpool
 from leantune.quant.cpu_kernels import _Loader
-from leantune.quant.dispatch import forced_backend
+from leantune.quant.dispatch import op_backend
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -57,7 +57,7 @@ def _c_kernel(name: str, *tensors):
     suffix = _SUFFIX.get(tensors[0].dtype)
     if suffix is None or not all(t.dtype == tensors[0].dtype and t.device.type == "cpu" for t in tensors):
         return None
-    if forced_backend() == "reference" or _LOADER.get() is None:
+    if op_backend(tensors[0], cpu=_LOADER.get() is not None) != "cpu":
         return None
     return getattr(_LOADER.get(), f"lt_{name}_{suffix}")
 
