@@ -94,7 +94,7 @@ def nibble_lut_asm(code: torch.Tensor, dtype: torch.dtype) -> str:
     0-7 and 8-15) and a third permute that takes byte k from the second when bit 3 of n_k
     is set (selector k + 4). With the low and high bytes of the four values looked up, two
     more permutes pair them into 16-bit values: 21 instructions for 8 values, against a
-    global-memory gather per value. ``emulate_nibble_lut`` runs this text on the CPU.
+    global-memory gather per value. ``tests/ptx_emulator.py`` runs this text on the CPU.
     """
     vals = code.detach().to(torch.float32).cpu().to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
     lo = [int(v) & 0xFF for v in vals]
@@ -133,43 +133,6 @@ def _lut_asm(code: torch.Tensor, dtype: torch.dtype) -> str:
     if key not in per_table:
         per_table[key] = nibble_lut_asm(code, dtype)
     return per_table[key]
-
-
-def emulate_nibble_lut(asm: str, word: int) -> tuple[list[int], list[int]]:
-    """Run ``nibble_lut_asm``'s PTX on one 32-bit input (the ops it uses, PTX ISA semantics):
-    returns ($0, $1, $2, $3) split into 16-bit values, as (hi-nibble values, lo-nibble values)."""
-    regs = {"$4": word & 0xFFFFFFFF}
-
-    def val(x):
-        return int(x, 0) if x[0].isdigit() else regs[x]
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
-            continue
-        op, args = line.split(None, 1)
-        d, *src = [a.strip() for a in args.split(",")]
-        a = [val(x) for x in src]
-        if op == "and.b32":
-            r = a[0] & a[1]
-        elif op == "or.b32":
-            r = a[0] | a[1]
-        elif op == "shr.b32":
-            r = a[0] >> a[1]
-        elif op == "prmt.b32":
-            pool = (a[1] << 32 | a[0]).to_bytes(8, "little")
-            r = 0
-            for k in range(4):
-                sel = (a[2] >> (4 * k)) & 0xF
-                byte = pool[sel & 7]
-                if sel & 8:  # replicate the sign bit
-                    byte = 0xFF if byte & 0x80 else 0
-                r |= byte << (8 * k)
-        else:
-            raise ValueError(f"unknown op {op}")
-        regs[d] = r & 0xFFFFFFFF
-    halves = [[regs[r] & 0xFFFF, regs[r] >> 16] for r in ("$0", "$1", "$2", "$3")]
-    return halves[0] + halves[1], halves[2] + halves[3]
 
 
 # ----------------------------------------------------------------------------------------

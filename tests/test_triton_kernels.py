@@ -22,6 +22,7 @@ from leantune.quant.triton_dequant import dequantize_4bit_triton  # noqa: E402
 from leantune.quant.triton_matmul import matmul_4bit_triton  # noqa: E402
 
 from tests.helpers import skip_unless_triton_runs  # noqa: E402
+from tests.ptx_emulator import emulate_nibble_lut  # noqa: E402
 
 skip_unless_triton_runs(triton_dequant._dequant_4bit_kernel, "quant.triton_dequant")
 CUDA = torch.cuda.is_available()
@@ -248,7 +249,7 @@ def test_nibble_lut_asm_gives_the_table_values(quant_type, dtype):
     words += [b | (255 - b) << 8 | ((b * 7) & 255) << 16 | ((b * 13 + 5) & 255) << 24 for b in range(256)]
     words += torch.randint(0, 2**32, (2000,), generator=g, dtype=torch.int64).tolist()
     for word in words:
-        hi, lo = triton_matmul.emulate_nibble_lut(asm, word)
+        hi, lo = emulate_nibble_lut(asm, word)
         bs = word.to_bytes(4, "little")
         assert hi == [table[b >> 4] for b in bs] and lo == [table[b & 15] for b in bs], hex(word)
     # the asm's constants are the table: another table gives other text

@@ -787,7 +787,7 @@ class PackedRow:
         return f"PackedRow(members={self.members}, doc_lengths={self.doc_lengths})"
 
 
-class _FirstFit:
+class _BestFit:
     """Counts of open bins by remaining capacity (0..cap) in a segment tree, so the best fit
     (the smallest remaining capacity >= n) is found in O(log cap)."""
 
@@ -841,7 +841,7 @@ def pack_examples(examples, max_len: int, seed: int = 0) -> list[PackedRow]:
     random.Random(seed).shuffle(tiebreak)
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], tiebreak[i]))
     rows: list[list[int]] = []
-    fit = _FirstFit(max_len)
+    fit = _BestFit(max_len)
     for i in order:
         n = lengths[i]
         best = fit.pop_best(n)
