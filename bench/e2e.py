@@ -54,7 +54,7 @@ from leantune.bench.e2e_report import (  # noqa: F401
     _cpu_name, add_derived, device_string, git_commit, linear_shapes, markdown_table, measure_machine,
     peer_missing, quantiles, record, step_cost, summarize, versions, write_plots)
 from leantune.bench.e2e_worker import (  # noqa: F401
-    BLOCKSIZE, PEER_PACKAGES, PROVIDERS, RESULT_MARK, SWEEP_AXES, StepSpec, _import_provider, _setup_leantune,
+    BLOCKSIZE, PEER_PACKAGES, PEER_PROVIDERS, PROVIDERS, RESULT_MARK, SWEEP_AXES, StepSpec, _import_provider, _setup_leantune,
     _setup_peer, _worker_entry, maxrss_bytes, rss_now_bytes, run_steps, worker)
 
 
@@ -110,6 +110,21 @@ def configurations(base: StepSpec, sweeps: dict) -> list[StepSpec]:
     return out
 
 
+def leantune_dtype(device: str) -> str:
+    """``--dtype auto``: leantune's own choice (``model.compute_dtype = "auto"``): bfloat16 on a
+    GPU and on a CPU with native bf16 dot products, float32 on other CPUs."""
+    try:
+        from leantune.peft_core.build import compute_dtype_for
+    except ImportError:  # the rule, where that module is absent
+        from leantune.quant.cpu_kernels import _cpu_has
+
+        if device == "cuda" or (os.environ.get("LEANTUNE_CPU_BF16", "").strip() != "0"
+                                and (_cpu_has("avx512_bf16") or _cpu_has("amx_bf16"))):
+            return "bfloat16"
+        return "float32"
+    return str(compute_dtype_for("auto", device)).removeprefix("torch.")
+
+
 def _progress(enabled: bool, msg: str):
     if enabled:
         print(msg, file=sys.stderr, flush=True)
@@ -134,12 +149,16 @@ def run_bench(opts) -> tuple[dict, StepSpec]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "cuda asked for but torch sees no GPU")
-    dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = opts.dtype if opts.dtype != "auto" else leantune_dtype(device)
     notes = []
     missing = peer_missing()
-    if "peer" in providers and missing:
-        providers.remove("peer")
-        notes.append(f"peer skipped: {', '.join(missing)} not installed")
+    for peer in PEER_PROVIDERS:
+        if peer in providers and missing:
+            providers.remove(peer)
+            notes.append(f"{peer} skipped: {', '.join(missing)} not installed")
+    if device == "cuda" and "peer-bf16" in providers:
+        providers.remove("peer-bf16")
+        notes.append("peer-bf16 skipped: a CPU configuration (on a GPU, --providers peer --dtype bfloat16)")
     if device != "cuda" and "leantune-graphs" in providers:
         providers.remove("leantune-graphs")
         notes.append("leantune-graphs skipped: CUDA graphs need a CUDA device")
@@ -214,7 +233,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--targets", default="all-linear", help='"all-linear" or module names, comma-separated')
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype (auto: float32 on the CPU, bfloat16 on a GPU)")
+                   help="compute dtype (auto: leantune's own choice, bfloat16 on a GPU and on CPUs with native "
+                        "bf16, else float32; peer-bf16 always computes in bfloat16 with float32 adapters)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=3, help="timed steps per worker")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
@@ -222,7 +242,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", metavar="AXIS=V1,V2",
                    help=f"vary one of {', '.join(SWEEP_AXES)} with the others at the base (repeatable)")
     p.add_argument("--providers", default="leantune,peer",
-                   help="comma-separated: leantune, leantune-graphs (CUDA), peer")
+                   help="comma-separated: leantune, leantune-graphs (CUDA), peer, peer-bf16 (CPU: bnb compute "
+                        "in bfloat16 under torch.autocast, float32 adapters)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--chunk", type=int, default=256, help="leantune's cross-entropy chunk (tokens)")
     p.add_argument("--seed", type=int, default=0)

@@ -182,10 +182,14 @@ def add_derived(rows: list[dict], cfg: dict, machine: dict | None, elem_bytes: i
             row["frac_roofline"] = row["achieved_TFLOPs"] * 1e12 / min(peak, intensity * bw)
     by_key = {(r["batch"], r["seq"], r["rank"], r["provider"]): r for r in rows}
     for row in rows:
-        peer = by_key.get((row["batch"], row["seq"], row["rank"], "peer"))
-        if (not row["provider"].startswith("leantune") or peer is None or "median_s" not in row
-                or "median_s" not in peer):
+        # the peer of the same config: "peer", or "peer-bf16" where only it was measured; in a
+        # 2-byte run "peer-bf16" first (bf16 compute with float32 adapters, like leantune's)
+        order = ("peer-bf16", "peer") if elem_bytes == 2 else ("peer", "peer-bf16")
+        peers = [by_key.get((row["batch"], row["seq"], row["rank"], p)) for p in order]
+        peer = next((p for p in peers if p is not None and "median_s" in p), None)
+        if not row["provider"].startswith("leantune") or peer is None or "median_s" not in row:
             continue
+        row["vs_peer"] = peer["provider"]
         row["speedup_vs_peer"] = peer["median_s"] / row["median_s"]
         row["time_ratio_vs_peer"] = row["median_s"] / peer["median_s"]
         row["rss_ratio_vs_peer"] = row["rss_peak_bytes"] / peer["rss_peak_bytes"]

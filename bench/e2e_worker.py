@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from leantune.base import UsageError
 
 RESULT_MARK = "@@bench.e2e result@@ "
-# leantune-graphs: leantune with the decoder trunk replayed as CUDA graphs (train.cuda_graphs)
-PROVIDERS = ("leantune", "leantune-graphs", "peer")
+# leantune-graphs: leantune with the decoder trunk replayed as CUDA graphs (train.cuda_graphs);
+# peer-bf16 (CPU): the peer with bnb_4bit_compute_dtype=bfloat16 and the step under
+# torch.autocast("cpu", dtype=torch.bfloat16), its adapter weights (and everything else not
+# quantized) kept float32, whatever the run's --dtype
+PROVIDERS = ("leantune", "leantune-graphs", "peer", "peer-bf16")
+PEER_PROVIDERS = ("peer", "peer-bf16")
 PEER_PACKAGES = ("transformers", "peft", "bitsandbytes")
 SWEEP_AXES = ("seq", "rank", "batch")  # the axes a run may sweep (StepSpec.key())
 BLOCKSIZE = 64
@@ -159,14 +163,22 @@ def _setup_leantune(spec: StepSpec, graphs: bool = False):
     return step, sum(p.numel() for p in params)
 
 
-def _setup_peer(spec: StepSpec):
+def _setup_peer(spec: StepSpec, bf16_autocast: bool = False):
+    """transformers + PEFT + bitsandbytes. ``bf16_autocast`` (the ``peer-bf16`` provider, CPU):
+    4-bit compute in bfloat16, the step under ``torch.autocast("cpu", dtype=torch.bfloat16)``,
+    the model's other weights and the LoRA adapters float32."""
+    import contextlib
+
     import peft
     import torch
     import transformers
 
-    dtype = getattr(torch, spec.dtype)
+    if bf16_autocast and spec.device != "cpu":
+        raise UsageError("--providers", "peer-bf16 is a CPU configuration")
+    dtype = torch.float32 if bf16_autocast else getattr(torch, spec.dtype)
+    compute = torch.bfloat16 if bf16_autocast else dtype
     qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+                                         bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
     device_map = {"": 0} if spec.device == "cuda" else {"": "cpu"}
     model = transformers.AutoModelForCausalLM.from_pretrained(
         spec.model_dir, quantization_config=qc, dtype=dtype, attn_implementation="sdpa",
@@ -175,14 +187,22 @@ def _setup_peer(spec: StepSpec):
     lcfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                            target_modules=_target_list(spec.targets), task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lcfg)
+    if bf16_autocast:  # fp32 adapter weights (and fp32 optimizer state)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr)
     ids = _token_batch(spec, model.config.vocab_size)  # (B, T)
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else contextlib.nullcontext()
+
     def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B x (T-1)
-        loss.backward()
+        with autocast():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # mean over B x (T-1)
+        loss.float().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -218,7 +238,7 @@ def worker(provider: str, spec: StepSpec) -> dict:
     t0 = time.perf_counter()
     if provider == "leantune-graphs" and not cuda:
         raise UsageError("--providers", "leantune-graphs needs a CUDA device")
-    step, n_trainable = (_setup_peer(spec) if provider == "peer"
+    step, n_trainable = (_setup_peer(spec, bf16_autocast=provider == "peer-bf16") if provider in PEER_PROVIDERS
                          else _setup_leantune(spec, graphs=provider == "leantune-graphs"))
     if cuda:
         torch.cuda.synchronize()

@@ -65,8 +65,8 @@ def test_sweeps_one_axis_at_a_time():
 
 def test_harness_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "results"
-    providers = "leantune,peer" if PEER else "leantune"
-    code = e2e.main(["--model", str(tiny_dir), "--batch", "2", "--seq", "16", "--rank", "4",
+    providers = "leantune,peer,peer-bf16" if PEER else "leantune"
+    code = e2e.main(["--model", str(tiny_dir), "--dtype", "float32", "--batch", "2", "--seq", "16", "--rank", "4",
                      "--steps", "2", "--warmup", "1", "--roofline", "quick", "--providers", providers,
                      "--out", str(out), "--tag", "smoke"])
     assert code == 0
@@ -91,6 +91,25 @@ def test_harness_end_to_end(tiny_dir, tmp_path, capsys):
         # same NF4 weights, same batch, LoRA B = 0: the first losses agree
         assert abs(lt["loss_first"] - peer["loss_first"]) < 1e-3
         assert lt["speedup_vs_peer"] > 0 and lt["rss_ratio_vs_peer"] > 0
+        assert lt["vs_peer"] == "peer"  # a float32 run compares with the float32 peer
+        # peer-bf16: bnb computes in bf16 under autocast, the adapters stay float32
+        pb = rows["peer-bf16"]
+        assert "errors" not in pb, pb.get("errors")
+        assert pb["n_trainable"] == lt["n_trainable"]
+        assert abs(lt["loss_first"] - pb["loss_first"]) < 0.05
+
+
+def test_dtype_auto_is_leantunes_choice(monkeypatch):
+    assert e2e.leantune_dtype("cuda") == "bfloat16"
+    monkeypatch.setenv("LEANTUNE_CPU_BF16", "0")
+    assert e2e.leantune_dtype("cpu") == "float32"
+    monkeypatch.delenv("LEANTUNE_CPU_BF16")
+    from leantune.quant.cpu_kernels import _cpu_has
+
+    native = _cpu_has("avx512_bf16") or _cpu_has("amx_bf16")
+    assert e2e.leantune_dtype("cpu") == ("bfloat16" if native else "float32")
+    assert "peer-bf16" in e2e.PROVIDERS and e2e.add_bench_arguments(
+        __import__("argparse").ArgumentParser()).parse_args([]).providers == "leantune,peer"
 
 
 def test_worker_error_becomes_a_row(tmp_path, capsys):
