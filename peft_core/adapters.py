@@ -122,6 +122,10 @@ class AdapterConfig:
             layers = [self.layers] if isinstance(self.layers, int) else self.layers
             if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in layers):
                 raise UsageError("adapter.layers", f"must be a layer index or a list of them, got {self.layers!r}")
+            if layers and isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+                # PEFT: "layers_to_transform cannot be used when target_modules is a str"
+                raise UsageError("adapter.layers", "cannot be combined with a regex adapter.targets (put the layer "
+                                                   "index in the regex, or give adapter.targets as a list)")
 
     def rank_alpha(self, module_name: str) -> tuple[int, float]:
         """(r, alpha) of one module after rank_pattern / alpha_pattern."""
@@ -241,7 +245,7 @@ def inject_adapter(model: nn.Module, cfg: AdapterConfig, name: str = "default", 
                 m.add_adapter(name, r, alpha, cfg.dropout, activate=False, **kw)
             else:
                 layer = LoraLinear(m.in_features, m.out_features, r, alpha, cfg.dropout, base=m,
-                                   adapter_name=name, **kw)
+                                   adapter_name=name, **kw).train(m.training)  # the model's mode, as PEFT
                 parent, _, child = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, layer)
         except ValueError as e:

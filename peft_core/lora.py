@@ -372,6 +372,8 @@ class LoraLinear(nn.Module):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=self.param_dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=self.param_dtype)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            d[name].train(self.training)  # a new adapter takes the layer's mode (eval stays eval)
         self.adapters[name] = spec
         try:
             self._init_weights(name, base_quant, loftq_iters)
