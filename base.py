@@ -13,14 +13,25 @@ import hashlib
 VERSION = "0.1.0"
 
 
+# An error line ``leantune: error: WHERE: WHAT`` stays under 400 characters whatever a
+# crafted file put in it: WHERE keeps MAX_WHERE characters, WHAT what is left of MAX_LINE.
+MAX_WHERE = 160
+MAX_LINE = 380
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class LeantuneError(Exception):
-    """Base class: ``where`` is a file, file:line or config key; ``what`` one sentence."""
+    """Base class: ``where`` is a file, file:line or config key; ``what`` one sentence.
+    Both are cut (``...`` marks the cut) so that the line stays under 400 characters."""
 
     exit_code = 1
 
     def __init__(self, where: str, what: str):
-        self.where = str(where)
-        self.what = str(what)
+        self.where = _cap(str(where), MAX_WHERE)
+        self.what = _cap(str(what), max(MAX_LINE - len(self.where), 200))
         super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
 
 

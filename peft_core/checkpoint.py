@@ -85,6 +85,7 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", quant: str | None =
         raise ModelError(str(model_dir), "model folder not found")
     cfg = ModelConfig.from_dir(model_dir)
     files = checkpoint_files(model_dir)
+    check_config_fits(cfg, files, Path(model_dir) / "config.json")
     qcfg = cfg.extra.get("quantization_config")
     if qcfg or quant not in (None, "none"):
         from leantune.peft_core.quant_loading import load_quantized  # the 4-bit path lives with quant/
@@ -100,6 +101,49 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", quant: str | None =
                 load_tensor(model, f, name, expected, dtype, device, requires_grad=True)
                 seen.add(name)
     return finish_loading(model, expected, seen, model_dir)
+
+
+def implied_weights(cfg: ModelConfig) -> int:
+    """The number of weights ``cfg`` implies (exact Python integers: no overflow, no memory)."""
+    h, ffn, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * ffn + 2 * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return cfg.vocab_size * h + cfg.num_hidden_layers * per_layer + h + head + hd // 2
+
+
+def check_config_fits(cfg: ModelConfig, files, where) -> None:
+    """Check config.json's sizes against the tensors the checkpoint holds (headers only)
+    before anything is built: the layer count must match the ``model.layers.N`` present, and
+    the weights the sizes imply must not exceed what is stored (a 4-bit code counts as one
+    weight per nibble). A crafted ``num_hidden_layers`` or ``head_dim`` is a ModelError here
+    instead of a model of 10^9 layers or a RoPE table of 2^29 entries."""
+    layers, stored = set(), 0
+    for path in files:
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            parts = name.split(".")
+            if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+                layers.add(int(parts[2]))
+            numel = 1
+            for n in f.shape(name):
+                numel *= n
+            stored += numel * (2 if f.dtype(name) == torch.uint8 else 1)
+    if len(layers) != cfg.num_hidden_layers or (layers and max(layers) != len(layers) - 1):
+        raise ModelError(str(where), f"num_hidden_layers is {cfg.num_hidden_layers} but the checkpoint "
+                                     f"holds {len(layers)} layers (model.layers.N)")
+    implied = implied_weights(cfg)
+    if implied > 2 * stored + (1 << 16):
+        raise ModelError(str(where), f"the sizes in config.json (hidden_size {cfg.hidden_size}, "
+                                     f"intermediate_size {cfg.intermediate_size}, head_dim {cfg.head_dim}, "
+                                     f"vocab_size {cfg.vocab_size}, heads {cfg.num_attention_heads}/"
+                                     f"{cfg.num_key_value_heads}) imply {_approx(implied)} weights, the checkpoint "
+                                     f"holds {_approx(stored)}")
+
+
+def _approx(n: int) -> str:
+    """A count for a message, whatever its size (str() refuses ints over 4300 digits)."""
+    return f"{n:,}" if n < 10**15 else f"about 2^{n.bit_length() - 1}"
 
 
 # -- shared with quant/loading.py (the 4-bit loader) -----------------------------------------
@@ -129,6 +173,8 @@ def load_tensor(model, f: SafetensorsFile, name: str, expected: dict, dtype, dev
     if name not in expected:
         raise ModelError(str(f.path), f"unexpected tensor {name!r} for a {model.config.model_type} model")
     check_shape(f.path, name, f.shape(name), expected)
+    if expected[name].is_floating_point() and not f.dtype(name).is_floating_point:
+        raise ModelError(str(f.path), f"tensor {name!r} is stored as {f.dtype(name)}, expected floating point")
     t = f.read(name, dtype if f.dtype(name).is_floating_point else None)
     _set_tensor(model, name, t.to(device), requires_grad=requires_grad)
 

@@ -26,11 +26,54 @@ def read_json_object(path: Path) -> dict:
     naming the file when it is not valid JSON or not an object."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or an int over 4300 digits
         raise ModelError(str(path), f"not valid JSON ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ModelError(str(path), f"cannot read ({e.strerror or e})") from None
     if not isinstance(d, dict):
         raise ModelError(str(path), "expected a JSON object")
     return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters (a value read from a file may be huge)."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int with more digits than Python prints
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _positive_float(d: dict, key: str, default, where: str) -> float:
+    v = d.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ModelError(where, f"key {key!r} must be a positive number, got {_short(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not (0 < f < math.inf):
+        raise ModelError(where, f"key {key!r} must be a positive finite number, got {_short(v)}")
+    return f
+
+
+def _check_llama3_scaling(scaling: dict, where: str):
+    """The llama3 RoPE scaling keys ``llama3_inv_freq`` reads: numbers, factor required."""
+    if "factor" not in scaling:
+        raise ModelError(where, "llama3 rope scaling needs a 'factor'")
+    for key, default in (("factor", None), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                         ("original_max_position_embeddings", 8192)):
+        _positive_float(scaling, key, default, f"{where}: rope scaling")
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    if not high > low:
+        raise ModelError(where, f"llama3 rope scaling needs high_freq_factor > low_freq_factor, "
+                                f"got {high} and {low}")
 
 
 @dataclass
@@ -63,6 +106,9 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim={self.head_dim} (hidden_size {self.hidden_size} over "
+                             f"{self.num_attention_heads} heads)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -83,11 +129,20 @@ class ModelConfig:
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         for k in required:
-            if not isinstance(d.get(k), int) or d[k] <= 0:
-                raise ModelError(where, f"key {k!r} must be a positive integer, got {d.get(k)!r}")
+            if not _is_int(d.get(k)) or d[k] <= 0:
+                raise ModelError(where, f"key {k!r} must be a positive integer, got {_short(d.get(k))}")
+        for k in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if d.get(k) is not None and (not _is_int(d[k]) or d[k] <= 0):
+                raise ModelError(where, f"key {k!r} must be a positive integer, got {_short(d[k])}")
+        if d.get("head_dim") is not None and d["head_dim"] % 2:
+            raise ModelError(where, f"key 'head_dim' must be even (RoPE rotates pairs), got {d['head_dim']}")
         # transformers >= 5 moves rope settings to "rope_parameters"
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ModelError(where, f"key 'rope_parameters' must be an object, got {_short(rope)}")
         scaling = d.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ModelError(where, f"key 'rope_scaling' must be an object or null, got {_short(scaling)}")
         if scaling is None and rope.get("rope_type", "default") not in ("default", None):
             scaling = dict(rope)
         if scaling is not None:
@@ -95,37 +150,54 @@ class ModelConfig:
             if kind == "default":
                 scaling = None
             elif kind != "llama3":
-                raise ModelError(where, f"rope scaling type {kind!r} is not supported (supported: llama3)")
+                raise ModelError(where, f"rope scaling type {_short(kind)} is not supported (supported: llama3)")
+            else:
+                _check_llama3_scaling(scaling, where)
         sliding = None
         if mt == "mistral":
             sliding = d.get("sliding_window")
         elif mt == "qwen2" and d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
+        if sliding is not None and (not _is_int(sliding) or sliding <= 0):
+            raise ModelError(where, f"key 'sliding_window' must be a positive integer or null, got {_short(sliding)}")
+        qc = d.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise ModelError(where, f"key 'quantization_config' must be an object, got {_short(qc)}")
+        for k in ("bos_token_id", "pad_token_id"):
+            if d.get(k) is not None and (not _is_int(d[k]) or d[k] < 0):
+                raise ModelError(where, f"key {k!r} must be a token id (an integer >= 0), got {_short(d[k])}")
+        eos = d.get("eos_token_id")
+        eos_list = eos if isinstance(eos, list) else [eos]
+        if eos is not None and not all(_is_int(e) and e >= 0 for e in eos_list):
+            raise ModelError(where, f"key 'eos_token_id' must be a token id or a list of them, got {_short(eos)}")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
-            qkv_bias=(mt == "qwen2"),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=sliding,
-            model_type=mt,
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            torch_dtype=d.get("torch_dtype", d.get("dtype")),
-            extra={k: v for k, v in d.items() if k not in known},
-        )
+        try:
+            return cls(
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads"),
+                head_dim=d.get("head_dim"),
+                rms_norm_eps=_positive_float(d, "rms_norm_eps", 1e-6, where),
+                rope_theta=_positive_float(d, "rope_theta", rope.get("rope_theta", 10000.0), where),
+                rope_scaling=scaling,
+                max_position_embeddings=int(d.get("max_position_embeddings") or 4096),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
+                qkv_bias=(mt == "qwen2"),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                sliding_window=sliding,
+                model_type=mt,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+                pad_token_id=d.get("pad_token_id"),
+                torch_dtype=d.get("torch_dtype", d.get("dtype")),
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+        except ValueError as e:
+            raise ModelError(where, f"inconsistent hyper-parameters: {e}") from None
 
     def to_hf_dict(self) -> dict:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -11,7 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from leantune.base import ModelError, UsageError
 from leantune.peft_core.model import KVCache, make_attn_mask
+
+MIN_POSITIONS = 4096  # the cap below is the model's context, or this for short-context (test) models
 
 
 def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, generator=None):
@@ -42,6 +45,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
     dtype = model.model.embed_tokens.weight.dtype
     B, L = len(prompts), max(len(p) for p in prompts)
     total = L + max_new_tokens
+    # the KV cache is allocated for ``total`` positions up front: bound it by the context
+    limit = max(int(cfg.max_position_embeddings), MIN_POSITIONS)
+    if total > limit:
+        raise UsageError("--max-new-tokens", f"{max_new_tokens} new tokens after a prompt of {L} exceed the "
+                                             f"model's context of {limit} positions (max_position_embeddings "
+                                             f"{cfg.max_position_embeddings})")
+    top = max(max(p) for p in prompts)
+    if top >= cfg.vocab_size or min(min(p) for p in prompts) < 0:
+        raise ModelError("config.json", f"the prompt holds token id {top} but the model's vocabulary has "
+                                        f"{cfg.vocab_size} entries (a tokenizer for another model?)")
     ids = torch.full((B, L), pad_token_id, dtype=torch.long, device=device)
     pad_mask = torch.zeros(B, total, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):

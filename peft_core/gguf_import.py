@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from leantune.peft_core.config import ModelConfig, llama3_inv_freq
 from leantune.base import ModelError
-from leantune.peft_core.gguf import GGUFFile
+from leantune.peft_core.gguf import DEQUANTIZERS, GGUFFile, supported_types
 from leantune.peft_core.safetensors_io import write_safetensors
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,7 +115,9 @@ def smollm2_gguf_path() -> Path:
 def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """Convert a Llama-family GGUF file to a Hugging Face folder ``out_dir`` (see the module
     docstring) with weights in ``dtype``; returns ``out_dir``. Everything is validated before
-    the first file is written; each file is written atomically, config.json last."""
+    the first file is written; the files are written into a temp folder inside ``out_dir``
+    and renamed into place at the end, config.json last, so a failure at any point leaves
+    an existing folder's files as they were."""
     gg = GGUFFile(gguf_path)
     where = str(gg.path)
     cfg = gguf_config(gg, dtype)
@@ -126,18 +130,27 @@ def import_gguf(gguf_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "tokenizer.json", tokenizer.to_str())
-    _write_text(out / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-    permuted = {"attn_q.weight": cfg.num_attention_heads, "attn_k.weight": cfg.num_key_value_heads}
-    tensors = {}
-    for gguf_name, hf_name in names.items():
-        w = gg.tensor(gguf_name)
-        n_head = permuted.get(gguf_name.split(".", 2)[-1])
-        if n_head is not None and cfg.model_type == "llama":
-            w = unpermute_qk(w, n_head)
-        tensors[hf_name] = torch.from_numpy(w).to(dtype)
-    write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    _write_text(out / "config.json", json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    # everything is written into a temp folder beside the files and renamed into place only
+    # once the last tensor converted: a failure leaves an existing folder as it was
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=out))
+    try:
+        permuted = {"attn_q.weight": cfg.num_attention_heads, "attn_k.weight": cfg.num_key_value_heads}
+        tensors = {}
+        for gguf_name, hf_name in names.items():
+            w = gg.tensor(gguf_name)
+            n_head = permuted.get(gguf_name.split(".", 2)[-1])
+            if n_head is not None and cfg.model_type == "llama":
+                w = unpermute_qk(w, n_head)
+            tensors[hf_name] = torch.from_numpy(w).to(dtype)
+        write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        del tensors
+        _write_text(tmp / "tokenizer.json", tokenizer.to_str())
+        _write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+        _write_text(tmp / "config.json", json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
+            os.replace(tmp / name, out / name)  # config.json last: it marks a complete folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -179,6 +192,11 @@ def gguf_config(gg: GGUFFile, dtype: torch.dtype = torch.float32) -> ModelConfig
     if scaling_type != "none":
         raise ModelError(where, f"RoPE scaling {scaling_type!r} ({arch}.rope.scaling.type) is not supported")
     rope_scaling = None
+    if head_dim % 2:
+        raise ModelError(where, f"{arch}.attention.key_length {head_dim} must be even (RoPE rotates pairs)")
+    if "rope_freqs.weight" in gg.tensors and gg.tensors["rope_freqs.weight"].shape != (head_dim // 2,):
+        raise ModelError(where, f"rope_freqs.weight has shape {list(gg.tensors['rope_freqs.weight'].shape)}, "
+                                f"head_dim {head_dim} needs [{head_dim // 2}]")
     if "rope_freqs.weight" in gg.tensors:
         rope_scaling = _llama3_scaling(gg.tensor("rope_freqs.weight"), head_dim, theta, where)
 
@@ -248,6 +266,11 @@ def hf_tensor_names(gg: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
                      "output.weight": (cfg.vocab_size, h)}
     expected = {name: (hf, global_shapes[name]) for name, hf in _GLOBAL_TENSORS.items()
                 if name != "output.weight" or not cfg.tie_word_embeddings}
+    present = {int(n.split(".")[1]) for n in gg.tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if cfg.num_hidden_layers > len(present):  # refused before a name table of that many layers is built
+        first = min(set(range(len(present) + 1)) - present)
+        raise ModelError(where, f"tensor blk.{first}.attn_norm.weight is missing ({cfg.model_type}.block_count "
+                                f"is {cfg.num_hidden_layers}, the file holds tensors of {len(present)} blocks)")
     for i in range(cfg.num_hidden_layers):
         for suffix, hf in per_layer.items():
             expected[f"blk.{i}.{suffix}"] = (f"model.layers.{i}.{hf}", layer_shapes[suffix])
@@ -258,6 +281,9 @@ def hf_tensor_names(gg: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
         if gg.tensors[name].shape != shape:
             raise ModelError(where, f"tensor {name} has shape {list(gg.tensors[name].shape)}, "
                                     f"expected {list(shape)}")
+        if gg.tensors[name].ggml_type not in DEQUANTIZERS:
+            raise ModelError(where, f"tensor {name} has type {gg.tensors[name].type_name}, which cannot "
+                                    f"be dequantized (supported: {supported_types()})")
     unexplained = sorted(set(gg.tensors) - set(expected) - {"rope_freqs.weight"})
     if unexplained:
         raise ModelError(where, f"unsupported tensors for a {cfg.model_type} model: "

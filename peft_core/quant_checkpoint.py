@@ -87,16 +87,19 @@ def _need(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return t
 
 
+MAX_NESTED_BLOCKSIZE = 1 << 16  # bitsandbytes writes 256; a crafted 2^62 must not reach the kernels
+
+
 def _field(meta: dict, name: str, key: str, kind):
     if name not in meta:
         raise ModelError(key, f"quant_state JSON lacks {name!r}")
     value = meta[name]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ModelError(key, f"quant_state {name!r} must be an integer, got {value!r}")
+        raise ModelError(key, f"quant_state {name!r} must be an integer, got {str(value)[:60]}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ModelError(key, f"quant_state {name!r} must be a number, got {value!r}")
+        raise ModelError(key, f"quant_state {name!r} must be a number, got {str(value)[:60]}")
     if kind is str and not isinstance(value, str):
-        raise ModelError(key, f"quant_state {name!r} must be a string, got {value!r}")
+        raise ModelError(key, f"quant_state {name!r} must be a string, got {str(value)[:60]}")
     return value
 
 
@@ -123,8 +126,8 @@ def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tupl
     raw = _need(tensors, qs_key)
     try:
         meta = json.loads(bytes(raw.detach().to("cpu", torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RuntimeError) as e:
-        raise ModelError(qs_key, f"not a UTF-8 JSON quant_state ({e})") from None
+    except (ValueError, RecursionError, RuntimeError) as e:  # ValueError: UTF-8, JSON, ints over 4300 digits
+        raise ModelError(qs_key, f"not a UTF-8 JSON quant_state ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ModelError(qs_key, "quant_state JSON is not an object")
 
@@ -142,7 +145,7 @@ def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tupl
     shape = meta.get("shape")
     if not isinstance(shape, list) or not shape or not all(
             isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ModelError(qs_key, f"shape must be a list of positive integers, got {shape!r}")
+        raise ModelError(qs_key, f"shape must be a list of positive integers, got {str(shape)[:100]}")
     numel = 1
     for s in shape:
         numel *= s
@@ -166,8 +169,9 @@ def state_from_tensors(prefix: str, tensors: Mapping[str, torch.Tensor]) -> tupl
     has_nested = "nested_blocksize" in meta or f"{w}.nested_absmax" in tensors
     if has_nested:
         nested_blocksize = _field(meta, "nested_blocksize", qs_key, int)
-        if nested_blocksize <= 0:
-            raise ModelError(qs_key, f"nested_blocksize must be positive, got {nested_blocksize}")
+        if not 0 < nested_blocksize <= MAX_NESTED_BLOCKSIZE:
+            raise ModelError(qs_key, f"nested_blocksize must be from 1 to {MAX_NESTED_BLOCKSIZE}, "
+                                     f"got {str(nested_blocksize)[:40]}")
         nested_dtype = _field(meta, "nested_dtype", qs_key, str)
         if nested_dtype != "float32":
             raise ModelError(qs_key, f"unsupported nested_dtype {nested_dtype!r} (float32)")

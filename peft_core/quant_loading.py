@@ -24,6 +24,9 @@ from leantune.quant import functional as F
 from leantune.quant.modules import Linear4bit
 from leantune.peft_core.quant_checkpoint import state_from_tensors
 
+# the tensors of one 4-bit weight P.weight, as suffixes of its name
+QUANT_SUFFIXES = {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                  ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"}
 QUANTIZED_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
@@ -63,6 +66,9 @@ def load_quantized(cfg, files, dtype=torch.float32, device="cpu", quant=None, op
                 bias_key = f"{module_name}.bias"
                 bias = f.read(bias_key, dtype).to(device) if bias_key in keys else None
                 if prequantized:
+                    extra = [k for k in keys if k.startswith(name + ".") and k[len(name):] not in QUANT_SUFFIXES]
+                    if extra:
+                        raise ModelError(str(path), f"unexpected tensor {extra[0]!r} beside a 4-bit weight")
                     group = {k: f.read(k) for k in keys if k.startswith(name)}
                     packed, state = state_from_tensors(module_name, group)
                     check_shape(path, name, state.shape, expected)

@@ -28,6 +28,25 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # 100 MB of JSON is far beyond any real checkpoint
+MAX_DIM = 1 << 48  # no real tensor dimension comes near; torch's limit is 2^63
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    """json ``object_pairs_hook``: a name given twice is an error, not "the last one wins"."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(f"name {k[:100]!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SafetensorsFile:
@@ -49,7 +68,7 @@ class SafetensorsFile:
         except OSError as e:
             raise ModelError(where, f"cannot read ({e.strerror})") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except ValueError as e:  # bad UTF-8, bad JSON, a number of more than 4300 digits
             raise ModelError(where, f"corrupt safetensors header ({e})") from None
         except RecursionError:  # "[[[[..." : json's decoder recurses once per level
@@ -63,16 +82,20 @@ class SafetensorsFile:
         data_len = size - self.data_start
         self.entries: dict[str, tuple[torch.dtype, tuple, int, int]] = {}
         for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ModelError(where, f"tensor {name!r}: malformed header entry {e!r}") from None
+            # strict: a shape is a list of integers ("64" is not [6, 4]), offsets two integers
+            if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPES
+                    and isinstance(e.get("shape"), list) and all(_is_int(s) for s in e["shape"])
+                    and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                    and all(_is_int(o) for o in e["data_offsets"])):
+                raise ModelError(where, f"tensor {name[:100]!r}: malformed header entry {str(e)[:200]}")
+            dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
+            begin, end = e["data_offsets"]
             numel = 1
             for s in shape:
                 if s < 0:
-                    raise ModelError(where, f"tensor {name!r}: negative dimension in {shape}")
+                    raise ModelError(where, f"tensor {name!r}: negative dimension in {list(shape)[:8]}")
+                if s > MAX_DIM:
+                    raise ModelError(where, f"tensor {name!r}: a dimension of {s.bit_length()} bits is too large")
                 numel *= s
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if not (0 <= begin <= end) or end - begin != nbytes:
@@ -82,6 +105,10 @@ class SafetensorsFile:
                 raise ModelError(where, f"truncated: tensor {name!r} ends at byte "
                                         f"{self.data_start + end}, the file has {size}")
             self.entries[name] = (dtype, shape, begin, end)
+        spans = sorted((b, e, n) for n, (_, _, b, e) in self.entries.items() if e > b)
+        for (_, end0, first), (begin1, _, second) in zip(spans, spans[1:]):
+            if begin1 < end0:
+                raise ModelError(where, f"tensors {first!r} and {second!r} overlap in the file")
 
     def keys(self):
         return list(self.entries)

@@ -186,6 +186,9 @@ class Tokenizer:
             # the sandbox blocks attribute access, not work: a template that overflows or
             # exhausts memory is the template's fault, reported as one line
             raise DataError(f"chat template of {self.where}", f"{type(e).__name__}: {e}") from None
+        if len(text) > MAX_TEMPLATE_CHARS:
+            raise DataError(f"chat template of {self.where}", f"renders {len(text):,} characters "
+                                                             f"(more than {MAX_TEMPLATE_CHARS:,})")
         return self.encode(text) if tokenize else text
 
 
@@ -222,9 +225,30 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_TEMPLATE_CHARS = 1 << 24  # a rendered chat template, or a string built inside one (16 Mi characters)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with ``*`` and ``**`` bounded: ``'ab' * 10**8`` or ``9 ** 10**9`` is a
+    SecurityError (a TemplateError, so a DataError) instead of gigabytes or minutes of work."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                    raise jinja2.exceptions.SecurityError(
+                        f"the template builds a sequence of {len(seq) * n:,} items (more than {MAX_TEMPLATE_CHARS:,})")
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 4096:
+            raise jinja2.exceptions.SecurityError(f"the template raises an integer to the power {right}")
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_chat_template(template: str, where: str = "chat_template") -> jinja2.Template:
-    """A chat template compiled in the sandboxed environment transformers uses."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    """A chat template compiled in the sandboxed environment transformers uses (with ``*``
+    and ``**`` bounded, see ``_BoundedSandbox``)."""
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

@@ -34,7 +34,8 @@ import numpy as np
 
 from leantune.base import DataError, UsageError
 
-from leantune.train.data import FORMATS, IGNORE, check_record, encode_record, file_format, parse_line, read_jsonl
+from leantune.train.data import (FORMATS, IGNORE, _lines, _open, check_record, encode_record, file_format,
+                                 parse_line, read_jsonl)
 
 MAX_LISTED = 20  # warnings of one kind printed before "... and N more"
 
@@ -125,14 +126,21 @@ def atomic_write(path, chunks) -> Path:
     return path
 
 
-def _raw_lines(path):
-    """``(line_no, raw bytes)`` of the non-blank lines."""
+def _same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (links and ``..`` resolved)."""
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DataError(str(path), f"cannot read data file ({e.strerror or e})") from None
-    with f:
-        for line_no, raw in enumerate(f, 1):
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except OSError:
+        return False
+
+
+def _raw_lines(path):
+    """``(line_no, raw bytes)`` of the non-blank lines (a regular file only, lines bounded
+    as the training reader bounds them)."""
+    with _open(path, str(path)) as f:
+        for line_no, raw in _lines(f, str(path)):
             if raw.strip():
                 yield line_no, raw
 
@@ -378,6 +386,12 @@ def dedup_file(path, out, threshold: float = 0.8, report=None, num_perm: int = 1
         raise UsageError("--threshold", f"must be in (0, 1], got {threshold}")
     if num_perm < 1 or ngram < 1:
         raise UsageError("--num-perm/--ngram", "must be at least 1")
+    # the input is read while OUT is written: neither output may be the input file
+    for flag, target in (("--out", out), ("--report", report)):
+        if target and _same_file(target, path):
+            raise UsageError(flag, f"{target} is the input file; write the {flag[2:]} elsewhere")
+    if report and out and _same_file(report, out):
+        raise UsageError("--report", "is the same file as --out")
     records = ((line_no, record_text(rec)) for line_no, rec in read_jsonl(path))
     kept, dropped = dedup_records(records, threshold, num_perm, ngram, seed)
     keep = set(kept)

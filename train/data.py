@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -98,6 +99,8 @@ def parse_line(raw: bytes, where: str):
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(where, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(where, f"invalid JSON: {e}") from None
     except RecursionError:
         raise DataError(where, "invalid JSON: nested too deeply") from None
     if not isinstance(value, dict):
@@ -117,7 +120,7 @@ def detect_format(record: dict, where: str) -> str:
     if "text" in record:
         found.append("text")
     if not found:
-        keys = ", ".join(sorted(map(str, record))[:6]) or "none"
+        keys = ", ".join(_short(k) for k in sorted(map(str, record))[:6]) or "none"
         raise DataError(where, "record has none of the keys text, prompt/completion, messages, "
                                f"input_ids (it has: {keys})")
     if len(found) > 1:
@@ -215,11 +218,48 @@ def _check_fmt_arg(fmt: str):
         raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
 
 
+# Bounds on what one record may make the tokenizer see. A line is read at most
+# MAX_LINE_BYTES at a time (a 50 MB line is refused, not held); the text a record gives the
+# tokenizer (its strings, or the chat template's rendering) may have at most
+# max_chars(max_len) characters: the tokens past max_len are cut anyway, and tokenizing a
+# huge string whole can abort the process. (Module constants, not config keys: a config key
+# would belong to train/config.py.)
+MAX_LINE_BYTES = 32 << 20
+CHARS_PER_TOKEN = 64  # far more characters than any tokenizer puts in one token
+MIN_MAX_CHARS = 1 << 20
+DROPPED_LINES_SHOWN = 5  # the summary names the lines of the first few dropped records
+
+
+def max_chars(max_len: int) -> int:
+    """The characters a record may give the tokenizer at ``max_len`` tokens."""
+    return max(CHARS_PER_TOKEN * max_len, MIN_MAX_CHARS)
+
+
 def _open(path, where: str):
+    """A data file opened for reading; only a regular file (a FIFO or a device such as
+    /dev/zero would block or never end)."""
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(where, "not a regular file (a data file must be a plain file, "
+                                   "not a pipe, device or folder)")
         return open(path, "rb")
     except OSError as e:
         raise DataError(where, f"cannot read data file ({e.strerror or e})") from None
+
+
+def _lines(f, name: str):
+    """``(line_no, raw bytes)`` of an open file, each line read at most MAX_LINE_BYTES."""
+    line_no = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        line_no += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{name}:{line_no}", f"line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                                 "(a record that large is refused)")
+        yield line_no, raw
 
 
 def file_format(file_fmt: str | None, first_line: int, rec_fmt: str, line_no: int, where: str):
@@ -243,7 +283,7 @@ def read_jsonl(path, fmt: str = "auto", with_format: bool = False) -> Iterator:
     name = str(path)
     file_fmt, first_line, n = (None if fmt == "auto" else fmt), 0, 0
     with _open(path, name) as f:
-        for line_no, raw in enumerate(f, 1):
+        for line_no, raw in _lines(f, name):
             if not raw.strip():
                 continue
             where = f"{name}:{line_no}"
@@ -266,7 +306,7 @@ class JsonlIndex:
         offsets, lines = array("q"), array("q")
         pos = 0
         with _open(path, self.path) as f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in _lines(f, self.path):
                 if raw.strip():
                     offsets.append(pos)
                     lines.append(line_no)
@@ -409,9 +449,17 @@ def _assistant_char_spans(tok, messages, full: str, which: list[int], where: str
     return spans
 
 
-def _encode_messages(record, tok, mask_prompt: bool, mask_mode: str, where: str):
+def _check_chars(n_chars: int, cap: int, max_len: int, where: str):
+    if n_chars > cap:
+        raise DataError(where, f"the record gives the tokenizer {n_chars:,} characters, more than "
+                               f"{cap:,} (max({CHARS_PER_TOKEN} x max_len={max_len}, {MIN_MAX_CHARS:,})); "
+                               "split or shorten it")
+
+
+def _encode_messages(record, tok, mask_prompt: bool, mask_mode: str, where: str, max_len: int = 1024):
     messages = record["messages"]
     full = render_chat(tok, messages, where=where)
+    _check_chars(len(full), max_chars(max_len), max_len, where)
     ids = tok.encode(full, add_special_tokens=False)
     if not mask_prompt:
         return ids, list(ids)
@@ -444,6 +492,10 @@ def encode_record(record, tok, fmt: str = "auto", max_len: int = 1024, mask_prom
         raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
     _check_fmt_arg(fmt)
     fmt = check_record(record, fmt, where)
+    cap = max_chars(max_len)
+    if fmt in ("text", "prompt_completion"):
+        n_chars = sum(len(record[k]) for k in (("text",) if fmt == "text" else ("prompt", "completion")))
+        _check_chars(n_chars, cap, max_len, where)
     if fmt == "text":
         ids = bos_prefix(tok) + tok.encode(record["text"], add_special_tokens=False) + _eos(tok)
         labels = list(ids)
@@ -453,7 +505,7 @@ def encode_record(record, tok, fmt: str = "auto", max_len: int = 1024, mask_prom
         ids = prompt + completion
         labels = ([IGNORE] * len(prompt) if mask_prompt else list(prompt)) + list(completion)
     elif fmt == "messages":
-        ids, labels = _encode_messages(record, tok, mask_prompt, mask_mode, where)
+        ids, labels = _encode_messages(record, tok, mask_prompt, mask_mode, where, max_len)
     else:  # tokens
         ids = list(record["input_ids"])
         vocab = getattr(tok, "vocab_size", None)
@@ -547,6 +599,7 @@ class DataSummary:
     examples: int = 0
     truncated: int = 0
     dropped: dict = field(default_factory=dict)  # reason -> count
+    dropped_lines: list = field(default_factory=list)  # the first DROPPED_LINES_SHOWN dropped records' lines
     fully_masked: int = 0  # records with no supervised token at all (also counted in dropped)
     supervised_tokens: int = 0
     total_tokens: int = 0
@@ -561,7 +614,11 @@ class DataSummary:
         n_drop = sum(self.dropped.values())
         if n_drop:
             why = ", ".join(f"{r}: {c:,}" for r, c in sorted(self.dropped.items()))
-            out.append(f"dropped {n_drop:,} records ({why})")
+            where = ""
+            if self.dropped_lines:
+                more = " ..." if n_drop > len(self.dropped_lines) else ""
+                where = f"; lines {', '.join(map(str, self.dropped_lines))}{more}"
+            out.append(f"dropped {n_drop:,} records ({why}{where})")
         if self.cache != "off":
             out.append(f"token cache: {self.cache}")
         return out
@@ -691,13 +748,19 @@ def build_examples(path, tok, fmt: str = "auto", max_len: int = 1024, mask_promp
     offsets, lines = array("q", [0]), array("q")
     reasons: dict[str, int] = {}
 
+    dropped_lines: list[int] = []
+    current = [0]
+
     def on_drop(reason):
         reasons[reason] = reasons.get(reason, 0) + 1
+        if len(dropped_lines) < DROPPED_LINES_SHOWN:
+            dropped_lines.append(current[0])
 
     try:
         for line_no, record, rec_fmt in read_jsonl(path, fmt, with_format=True):
             summary.records += 1
             summary.format = rec_fmt
+            current[0] = line_no
             ex = encode_record(record, tok, rec_fmt, max_len, mask_prompt, mask_mode,
                                where=f"{name}:{line_no}", on_drop=on_drop)
             if ex is None:
@@ -712,6 +775,7 @@ def build_examples(path, tok, fmt: str = "auto", max_len: int = 1024, mask_promp
             summary.total_tokens += len(ex.input_ids)
             summary.supervised_tokens += sum(1 for v in ex.labels if v != IGNORE)
         summary.dropped = reasons
+        summary.dropped_lines = dropped_lines
         summary.fully_masked = reasons.get("no supervised tokens", 0)
         if summary.examples == 0:
             why = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items()))
