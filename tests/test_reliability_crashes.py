@@ -181,7 +181,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(base, monkeypatch)
     ref_step2 = read_safetensors(base["ref"] / "checkpoints" / "step-2" / "trainable.safetensors")
     assert_same(read_safetensors(out / "checkpoints" / "step-2" / "trainable.safetensors"), ref_step2)
     # the command line: one line, exit 1
-    code, _, err_text = run_cli(["train", cfg_path])
+    code, _, err_text = run_cli(["train", cfg_path, "--overwrite"])  # the folder holds step-2
     assert_contract(code, err_text, {1})
     assert "step-2 is intact" in err_text and "--resume" in err_text
     monkeypatch.undo()  # space freed: --resume finishes and equals the uninterrupted run
@@ -259,7 +259,7 @@ def test_persistent_nan_aborts_with_a_checkpoint(base, monkeypatch):
     assert json.loads((ckpt / "state.json").read_text())["skipped_steps"] == 3
     ref_step2 = read_safetensors(base["ref"] / "checkpoints" / "step-2" / "trainable.safetensors")
     assert_same(read_safetensors(ckpt / "trainable.safetensors"), ref_step2)  # the NaN steps changed nothing
-    code, _, err = run_cli(["train", cfg_path])  # every loss is NaN now: one line, exit 1
+    code, _, err = run_cli(["train", cfg_path, "--overwrite"])  # every loss is NaN now: one line, exit 1
     assert_contract(code, err, {1})
     assert "checkpoint saved" in err
 

@@ -180,6 +180,7 @@ def jsonl_config(base, fuzz_dir):
 @given(content=jsonl_file())
 def test_fuzz_jsonl_through_train(fuzz_dir, jsonl_config, content):
     (fuzz_dir / "fuzz.jsonl").write_bytes(content)
+    shutil.rmtree(fuzz_dir / "jsonl-run", ignore_errors=True)  # each example is a fresh run
     code, _, err = run_cli(["train", jsonl_config])
     assert_contract(code, err, {0, 3})
     if code == 3:
