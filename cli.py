@@ -13,13 +13,18 @@ import re
 import sys
 from pathlib import Path
 
-from leantune.base import LeantuneError, UsageError
+from leantune.base import VERSION, LeantuneError, UsageError
 
 PROG = "leantune"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as one contract line and exit status 2."""
+    """argparse that reports usage mistakes as one contract line and exit status 2, and
+    shows every option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UsageError(self.prog, message)
@@ -65,7 +70,7 @@ def cmd_generate(args):
     model = load_model(args.model_dir, dtype=torch.float32,
                        quant=None if args.quant == "none" else args.quant)
     if args.adapter:
-        from leantune.peft_core.adapters import load_adapter  # adapters land with their issue
+        from leantune.peft_core.adapters import load_adapter
 
         load_adapter(model, args.adapter)
     if args.chat is not None:
@@ -99,12 +104,17 @@ def cmd_train(args):
     from leantune.train.loop import train
 
     cfg = load_config(args.config, args.set or [])
-    result = train(cfg, resume=args.resume, log=_log)
+    if args.resume and args.overwrite:
+        raise UsageError("train", "--resume continues the run in the output folder, --overwrite "
+                                  "deletes it: give one of them")
+    resume = args.resume if args.resume in (False, True) else Path(args.resume)
+    result = train(cfg, resume=resume, log=_log, overwrite=args.overwrite)
     if result.interrupted:
         sys.exit(130)
     if _rank0():
+        what = "adapter" if cfg.adapter.kind != "none" else "model"
         _log(f"trained {result.steps} steps (final loss {result.final_loss:.4f}); "
-             f"adapter in {result.out_dir / 'adapter'}")
+             f"{what} in {result.out_dir / what}")
 
 
 def cmd_eval(args):
@@ -135,9 +145,28 @@ def _print_summary(report, out_dir):
 
 
 def cmd_merge(args):
+    """``merge "" ADAPTER OUT`` takes the base recorded in the adapter's adapter_config.json."""
+    import json
+
     from leantune.peft_core.adapters import cmd_merge as merge
 
+    if not args.model_dir:
+        cfg_path = Path(args.adapter_dir) / "adapter_config.json"
+        try:
+            base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(str(cfg_path), f"cannot read the adapter's base model ({e}); name MODEL_DIR") from None
+        if not isinstance(base, str) or not base:
+            raise UsageError(str(cfg_path), "records no base_model_name_or_path; name MODEL_DIR")
+        args.model_dir = base
     merge(args)
+
+
+def cmd_export_gguf(args):
+    from leantune.peft_core.gguf_export import export_gguf
+
+    out = export_gguf(args.model_dir, args.out, qtype=args.type)
+    print(f"wrote {out}")
 
 
 def cmd_demo(args):
@@ -158,57 +187,72 @@ def _rank0() -> bool:
 # -- the parser ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="leantune: lean LoRA / QLoRA fine-tuning")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (accepted anywhere on the line)")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
 
     s = sub.add_parser("import-gguf", help="a Llama-family GGUF file to a Hugging Face folder")
-    s.add_argument("file")
-    s.add_argument("out_dir")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("file", help="the GGUF file")
+    s.add_argument("out_dir", help="the Hugging Face folder to write")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights")
     s.set_defaults(func=cmd_import_gguf)
 
     s = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
-    s.add_argument("model_dir")
-    s.add_argument("out_dir")
-    s.add_argument("--quant", default="nf4", choices=["nf4", "fp4"])
-    s.add_argument("--blocksize", type=int, default=64)
-    s.add_argument("--no-double-quant", action="store_true")
-    s.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("model_dir", help="the model folder to quantize")
+    s.add_argument("out_dir", help="the 4-bit checkpoint folder to write")
+    s.add_argument("--quant", default="nf4", choices=["nf4", "fp4"], help="4-bit data type")
+    s.add_argument("--blocksize", type=int, default=64, help="weights per absmax block")
+    s.add_argument("--no-double-quant", action="store_true", help="keep the absmax values in fp32")
+    s.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype recorded in the checkpoint")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("generate", help="generate text (greedy by default)")
-    s.add_argument("model_dir")
-    s.add_argument("--adapter")
-    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"])
-    s.add_argument("--prompt")
-    s.add_argument("--chat")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("model_dir", help="the base model folder")
+    s.add_argument("--adapter", help="an adapter folder to apply")
+    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"], help="quantize the base on load")
+    s.add_argument("--prompt", help="plain text to continue")
+    s.add_argument("--chat", help="a user message, wrapped in the chat template")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.set_defaults(func=cmd_generate)
 
     for name, func, text in (("train", cmd_train, "fine-tune (writes the output folder)"),
                              ("eval", cmd_eval, "evaluate base, prompted and tuned; write the report")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("config")
+        s.add_argument("config", help="the TOML config")
         s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config key (repeatable)")
         if name == "train":
-            s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+            s.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                           help="continue from the newest good checkpoint of the output folder, "
+                                "or from the checkpoint folder CHECKPOINT")
+            s.add_argument("--overwrite", action="store_true",
+                           help="delete the earlier run's checkpoints, metrics and exports in the "
+                                "output folder first")
         else:
             s.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
                            help="adapter(s) to evaluate (default: OUT/adapter)")
         s.set_defaults(func=func)
 
     s = sub.add_parser("merge", help="fold an adapter into the base and save a plain checkpoint")
-    s.add_argument("model_dir")
-    s.add_argument("adapter_dir")
-    s.add_argument("out_dir")
-    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("model_dir", help='the base model folder ("" for the base the adapter records)')
+    s.add_argument("adapter_dir", help="the adapter folder")
+    s.add_argument("out_dir", help="the merged model folder to write")
+    s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights")
     s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"],
                    help="re-quantize the merged weights and report the error")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("export-gguf", help="a (merged) model folder as a GGUF file for llama.cpp")
+    s.add_argument("model_dir", help="the dense model folder (merge an adapter first)")
+    s.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
+    s.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0"], help="tensor type of the weights")
+    s.set_defaults(func=cmd_export_gguf)
 
     from leantune.train.curation import add_data_parser
 
@@ -218,17 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
 
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", default="runs/demo", help="the output folder")
     s.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     s.set_defaults(func=cmd_demo)
+    _fill_help(p)
     return p
+
+
+def _fill_help(parser):
+    """Give an option that lacks help text (from a module's own sub-parser) a short one, so
+    that every option shows its default."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = action.dest.replace("_", " ")
+        for child in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            _fill_help(child)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     try:
         args = build_parser().parse_args(argv)
+        if args.version:
+            print(f"{PROG} {VERSION}")
+            return 0
         if getattr(args, "func", None) is None:
             raise UsageError(PROG, "give a sub-command (see 'leantune --help')")
         args.func(args)

@@ -136,9 +136,8 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
     """Evaluate; writes ``eval/`` in ``cfg.train.out``; raises GateError (exit 5) when the
     tuned model misses the best baseline by more than ``eval.require_lift``."""
     from leantune.peft_core.adapters import disable_adapters, load_adapter, set_active_adapter
-    from leantune.peft_core.checkpoint import load_model
+    from leantune.peft_core.build import compute_dtype_for, load_base, pick_device, resolve_model_dir
     from leantune.peft_core.tokenizer import Tokenizer
-    from leantune.train.loop import compute_dtype_for, pick_device, resolve_model_dir
 
     data_path = cfg.eval.data or cfg.data.eval
     if not data_path:
@@ -154,13 +153,12 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
         raise UsageError("eval.baselines", f"unknown baseline {unknown[0]!r} (use base, prompted)")
 
     device = pick_device()
-    model_dir = resolve_model_dir(cfg)
+    model_dir = resolve_model_dir(cfg.model.path)
     tok = tok or Tokenizer.from_dir(model_dir)
     if model is None:
-        quant = None if cfg.model.quant == "none" else cfg.model.quant
-        model = load_model(model_dir, dtype=compute_dtype_for(cfg, device), device=device, quant=quant,
-                           quant_options={"blocksize": cfg.model.blocksize,
-                                          "double_quant": cfg.model.double_quant})
+        model = load_base(model_dir, quant=cfg.model.quant, blocksize=cfg.model.blocksize,
+                          double_quant=cfg.model.double_quant,
+                          dtype=compute_dtype_for(cfg.model.compute_dtype, device), device=device)
     model.eval()
     for name, path in adapters.items():
         load_adapter(model, path, name=name)

@@ -39,7 +39,8 @@ def write_config(tmp_path, name="run", **sections):
     if not data.exists():
         write_data(data)
     conf = {
-        "model": {"path": str(model), "quant": "none"},
+        # float32 whatever the CPU: the runs these tests compare must agree to the last bit
+        "model": {"path": str(model), "quant": "none", "compute_dtype": "float32"},
         "adapter": {"kind": "none"},
         "data": {"train": str(data), "eval": str(data), "max_len": 64},
         "train": {"out": str(tmp_path / name), "max_steps": 6, "batch_size": 4, "grad_accum": 2,

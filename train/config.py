@@ -6,35 +6,51 @@ did-you-mean; values are type-checked and range-checked; every error names ``sec
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from leantune.base import UsageError
+from leantune.peft_core.adapters import AdapterConfig
 
 
 @dataclass
 class ModelSection:
     path: str = ""  # a Hugging Face model folder; "" -> the embedded SmolLM2 (imported once)
     quant: str = "nf4"  # "nf4" | "fp4" | "none"
-    compute_dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    compute_dtype: str = "auto"  # "auto" (bf16 on GPU and bf16-capable CPUs, else fp32) | float32 | bfloat16 | float16
     blocksize: int = 64
     double_quant: bool = True
 
 
-@dataclass
-class AdapterSection:
-    kind: str = "lora"  # a registered variant ("lora", "dora", ...) or "none" (full fine-tune)
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str | list = "all-linear"
-    init: str = "default"
-    rslora: bool = False
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
+def _adapter_section():
+    """The ``[adapter]`` section: the fields of ``peft_core.adapters.AdapterConfig`` with their
+    defaults, read from ``dataclasses.fields`` so that a field added there is a TOML key here.
+    Unlike ``AdapterConfig`` it also takes ``kind = "none"``: a full fine-tune (no adapter)."""
+    specs = []
+    for f in dataclasses.fields(AdapterConfig):
+        if f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory)
+        else:
+            spec = field(default=f.default)
+        specs.append((f.name, f.type, spec))
+    return dataclasses.make_dataclass("AdapterSection", specs, namespace={"__doc__": _adapter_section.__doc__})
+
+
+AdapterSection = _adapter_section()
+
+
+def adapter_config(section) -> AdapterConfig | None:
+    """The ``AdapterConfig`` the ``[adapter]`` section describes (every field copied; None for
+    ``kind = "none"``). Raises UsageError naming ``adapter.<key>`` for a bad value."""
+    if section.kind == "none":
+        return None
+    values = {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(AdapterConfig)}
+    return AdapterConfig(**values)
 
 
 @dataclass
@@ -70,6 +86,7 @@ class TrainSection:
     optimizer: str = "adamw"  # "adamw" | "adamw8bit"
     loss_chunk: int = 256  # tokens per chunk of the chunked cross-entropy
     max_nan_steps: int = 5  # consecutive non-finite steps before aborting (with a checkpoint)
+    keep_checkpoints: int = 0  # keep the N newest complete checkpoints; 0 keeps all
 
 
 @dataclass
@@ -109,13 +126,23 @@ CHOICES = {
     ("train", "schedule"): ("constant", "linear", "cosine"),
     ("train", "optimizer"): ("adamw", "adamw8bit"),
 }
-POSITIVE = {("adapter", "r"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
+POSITIVE = {("adapter", "r"), ("adapter", "alpha"), ("train", "lr"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
             ("train", "epochs"), ("model", "blocksize"), ("train", "loss_chunk"),
             ("eval", "max_new_tokens"), ("eval", "batch_size"), ("train", "max_nan_steps")}
 NON_NEGATIVE = {("train", "max_steps"), ("train", "warmup_steps"), ("train", "save_every"),
                 ("train", "eval_every"), ("train", "weight_decay"), ("train", "clip"),
-                ("eval", "shots"), ("eval", "max_items"), ("train", "lr"), ("train", "seed"),
-                ("train", "log_every")}
+                ("eval", "shots"), ("eval", "max_items"), ("train", "seed"),
+                ("train", "log_every"), ("train", "keep_checkpoints"), ("eval", "kl_threshold"),
+                ("adapter", "loftq_iters")}
+# inclusive integer bounds (ints not named here: at most INT_MAX); every float must be finite
+INT_RANGES = {("data", "max_len"): (2, 2**20), ("train", "batch_size"): (1, 2**16),
+              ("train", "grad_accum"): (1, 2**16), ("adapter", "r"): (1, 2**16),
+              ("model", "blocksize"): (16, 2**16), ("train", "loss_chunk"): (1, 2**24),
+              ("eval", "max_new_tokens"): (1, 2**20), ("eval", "batch_size"): (1, 2**16),
+              ("train", "seed"): (0, 2**63 - 1), ("eval", "shots"): (0, 2**10),
+              ("train", "epochs"): (1, 2**20), ("adapter", "loftq_iters"): (1, 2**10)}
+INT_MAX = 2**40
+FRACTION = {("adapter", "dropout")}  # in [0, 1)
 
 
 def _suggest(word, options) -> str:
@@ -123,7 +150,42 @@ def _suggest(word, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_type(value, default, where):
+_TYPE_NAMES = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+               "bool": (bool, "true or false"), "list": (list, "a list"), "dict": (dict, "a table")}
+
+
+def _check_annotated(value, annotation, where):
+    """Validate a key whose default is None against its annotation (``"list | int | None"``)."""
+    names = [n.strip() for n in str(annotation).split("|") if n.strip() in _TYPE_NAMES]
+    for name in names:
+        types, _ = _TYPE_NAMES[name]
+        if isinstance(value, types) and (name == "bool" or not isinstance(value, bool)):
+            return value
+    if not names:
+        return value
+    raise UsageError(where, f"expected {' or '.join(_TYPE_NAMES[n][1] for n in names)}, got {value!r}")
+
+
+def _check_range(value, key, where):
+    """Finite floats; the POSITIVE / NON_NEGATIVE / FRACTION / INT_RANGES bounds."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(where, f"must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if key in FRACTION and not 0.0 <= value < 1.0:
+        raise UsageError(where, f"must be in [0, 1), got {value!r}")
+    if key in POSITIVE and value <= 0:
+        raise UsageError(where, f"must be positive, got {value!r}")
+    if key in NON_NEGATIVE and value < 0:
+        raise UsageError(where, f"must be >= 0, got {value!r}")
+    if isinstance(value, int):
+        lo, hi = INT_RANGES.get(key, (None, INT_MAX))
+        if (lo is not None and value < lo) or value > hi:
+            raise UsageError(where, f"must be {'' if lo is None else f'at least {lo} and '}at most {hi}, "
+                                    f"got {value!r}")
+
+
+def _check_type(value, default, where, annotation=""):
     """Coerce/validate one value against the type of its default."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -145,6 +207,8 @@ def _check_type(value, default, where):
         if not isinstance(value, list):
             raise UsageError(where, f"expected a list, got {value!r}")
         return value
+    if default is None:
+        return _check_annotated(value, annotation, where)
     if isinstance(default, str) and not isinstance(default, bool):
         if where.endswith("adapter.targets") and isinstance(value, list):
             if not all(isinstance(v, str) for v in value):
@@ -170,18 +234,13 @@ def apply_dict(cfg: Config, data: dict, source: str) -> Config:
             where = f"{prefix}{sec_name}.{key}"
             if key not in keys:
                 raise UsageError(where, "unknown key" + _suggest(key, keys))
-            value = _check_type(value, getattr(section, key), where)
+            value = _check_type(value, getattr(section, key), where, keys[key].type)
             choices = CHOICES.get((sec_name, key))
             if choices and value not in choices:
                 raise UsageError(where, f"must be one of {', '.join(choices)}; got {value!r}"
                                  + _suggest(str(value), choices))
-            if (sec_name, key) in POSITIVE and value <= 0:
-                raise UsageError(where, f"must be positive, got {value!r}")
-            if (sec_name, key) in NON_NEGATIVE and value < 0:
-                raise UsageError(where, f"must be >= 0, got {value!r}")
+            _check_range(value, (sec_name, key), where)
             setattr(section, key, value)
-    if not 0.0 <= cfg.adapter.dropout < 1.0:
-        raise UsageError(f"{prefix}adapter.dropout", f"must be in [0, 1), got {cfg.adapter.dropout}")
     return cfg
 
 
@@ -222,6 +281,9 @@ def load_config(path, overrides=()) -> Config:
         other = "fsdp" if cfg.train.fsdp else "grad_checkpoint"
         raise UsageError(f"{path}: train.cuda_graphs", f"does not combine with train.{other} "
                                                        "(turn one of them off)")
+    if not cfg.train.out.strip():
+        raise UsageError(f"{path}: train.out", "is empty: name the output folder")
+    adapter_config(cfg.adapter)  # AdapterConfig's own checks, at load time
     # relative data / output paths are relative to the config file's folder
     base = path.resolve().parent
     for sec, key in (("data", "train"), ("data", "eval"), ("eval", "data"), ("train", "out"),
