@@ -89,6 +89,7 @@ class Tokenizer:
         h.update(cfg_path.read_bytes())
         h.update((template or "").encode())
         tok.fingerprint = h.hexdigest()  # keys the data pipeline's token cache
+        _check_model_vocab(tok, d / "config.json")
         return tok
 
     # -- ids ------------------------------------------------------------------------------
@@ -190,6 +191,19 @@ class Tokenizer:
             raise DataError(f"chat template of {self.where}", f"renders {len(text):,} characters "
                                                              f"(more than {MAX_TEMPLATE_CHARS:,})")
         return self.encode(text) if tokenize else text
+
+
+def _check_model_vocab(tok: "Tokenizer", cfg_path: Path):
+    """A tokenizer whose ids reach past the embedding rows of the model beside it (config.json's
+    ``vocab_size``) is a ModelError here, before an id reaches the embedding. A config.json
+    that cannot be read is left to the model loader, which names its problem."""
+    try:
+        n = json.loads(cfg_path.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return
+    if isinstance(n, int) and not isinstance(n, bool) and 0 < n < tok.vocab_size:
+        raise ModelError(str(cfg_path), f"vocab_size {n} is smaller than the tokenizer's {tok.vocab_size} "
+                                        "tokens (a tokenizer for another model?)")
 
 
 def _config_template(value) -> str | None:

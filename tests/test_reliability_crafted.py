@@ -298,6 +298,10 @@ def crafted(tmp_path_factory):
     cases["train-dev-zero"] = (["train", train_cfg("zero", "/dev/zero")], root)
     cases["dedup-report-onto-input"] = (["data", "dedup", data / "dedup.jsonl", "--out", data / "dedup-out.jsonl",
                                          "--report", data / "dedup.jsonl"], root)
+    small_cfg = train_cfg("small-vocab", data / "drop.jsonl")
+    small_cfg.write_text(small_cfg.read_text().replace(json.dumps(str(root / "cfgs" / "model")),
+                                                       json.dumps(str(small))))
+    cases["train-vocab-below-tokenizer"] = (["train", small_cfg], root)
     cases["train-drops-named"] = (["train", train_cfg("drop", data / "drop.jsonl", max_len=16)], root)
     # an error line holding a long name is cut to a few hundred characters
     long_name = root / ("x" * 200) / ("y" * 200) / "missing-model"
@@ -328,6 +332,10 @@ def test_huge_layer_counts_and_dims_are_refused_before_allocating(crafted, case,
 def test_odd_config_and_checkpoint_values_are_model_errors(crafted, case):
     check(crafted[case], 4)
     assert "c10::" not in crafted[case]["err"] and "frame #" not in crafted[case]["err"]
+
+
+def test_a_model_vocab_smaller_than_the_tokenizer_in_train(crafted):
+    check(crafted["train-vocab-below-tokenizer"], 4, "vocab_size")
 
 
 @pytest.mark.parametrize("case", ["st-overlapping-offsets", "st-duplicate-names", "st-shape-string"])
