@@ -186,6 +186,12 @@ def crafted(tmp_path_factory):
     gen("quant-config-list", model_with_config(root, "qcl", quantization_config=[1]))
     gen("theta-str", model_with_config(root, "theta", rope_theta="x"))
     gen("max-pos-neg", model_with_config(root, "maxpos", max_position_embeddings=-1))
+    # JSON nested 100 000 deep (json's decoder recurses once per level)
+    for name, file in (("config-nested-deep", "config.json"), ("tokenizer-config-nested-deep", "tokenizer_config.json")):
+        d = root / name
+        shutil.copytree(root / "model", d)
+        (d / file).write_text("[" * 100_000)
+        gen(name, d)
     # a model whose vocabulary is smaller than the tokenizer's ids
     small = root / "small-vocab"
     tiny_model_dir(small, "llama", seed=0, vocab_size=100)
@@ -326,7 +332,7 @@ def test_huge_layer_counts_and_dims_are_refused_before_allocating(crafted, case,
 @pytest.mark.parametrize("case", [
     "kv-heads-0", "kv-heads-3", "kv-heads--2", "head-dim-neg", "eps-abc", "rope-parameters-list",
     "llama3-no-factor", "sliding-window-x", "quant-config-str", "quant-config-list", "theta-str",
-    "max-pos-neg", "vocab-below-tokenizer", "float-weight-as-i32", "quant-state-5000-digits",
+    "max-pos-neg", "config-nested-deep", "tokenizer-config-nested-deep", "vocab-below-tokenizer", "float-weight-as-i32", "quant-state-5000-digits",
     "nested-blocksize-2^62", "quant-extra-key-2^64",
 ])
 def test_odd_config_and_checkpoint_values_are_model_errors(crafted, case):
