@@ -18,8 +18,12 @@ Target selection follows PEFT's ``LoraConfig`` (``peft.tuners.tuners_utils.check
 
 Saved files (what PEFT's ``save_pretrained`` writes): ``adapter_config.json`` and
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` [r, in],
-``...lora_B.weight`` [out, r], DoRA's ``...lora_magnitude_vector`` [out]; no adapter name in
-the keys. An adapter whose init rewrote the base (PiSSA, OLoRA, LoftQ) is saved as the
+``...lora_B.weight`` [out, r], DoRA's ``...lora_magnitude_vector`` [out], and any other
+tensor a variant's ``tensors`` lists; no adapter name in the keys. Only a variant that declares
+``peft_compatible`` is saved with ``peft_type: "LORA"`` (and its ``peft_flags``, e.g.
+``use_dora``); any other is saved with ``peft_type: "LEANTUNE"`` and ``leantune_variant:
+<kind>``, so PEFT refuses it instead of loading it as a plain LoRA that computes something
+else; leantune loads it back (or names the variant when this installation lacks it). An adapter whose init rewrote the base (PiSSA, OLoRA, LoftQ) is saved as the
 equivalent plain LoRA on the original base, as PEFT's ``path_initial_model_for_weight_conversion``
 does: W_res + s B A = W + s [B, -B0] [A; A0], rank 2r, alpha doubled (rsLoRA: times sqrt 2).
 
@@ -42,10 +46,11 @@ import torch.nn as nn
 from leantune.quant.modules import Linear4bit
 
 from leantune.base import ModelError, UsageError
-from leantune.peft_core.lora import BASE, BASE_REWRITING_INITS, INITS, LoraLinear, get_variant
+from leantune.peft_core.lora import BASE, BASE_REWRITING_INITS, INITS, LoraLinear, get_variant, variant_names
 from leantune.peft_core.safetensors_io import SafetensorsFile, write_safetensors
 
 PREFIX = "base_model.model."
+LEANTUNE_PEFT_TYPE = "LEANTUNE"  # peft_type of a variant PEFT cannot load (PEFT refuses the file)
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER = "lm_head"
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # PEFT's: the first numbered segment
@@ -233,9 +238,6 @@ def inject_adapter(model: nn.Module, cfg: AdapterConfig, name: str = "default", 
     found, targets = resolve_targets(model, cfg)
     if not found:
         raise UsageError("adapter.targets", f"no linear layer of the model matches {cfg.targets!r}")
-    for pname, p in model.named_parameters():
-        if ".lora_" not in pname:
-            p.requires_grad_(False)
     for mod_name, m in found:
         r, alpha = cfg.rank_alpha(mod_name)
         kw = dict(use_rslora=cfg.rslora, init=cfg.init, kind=cfg.kind, base_quant=cfg.base_quant,
@@ -250,7 +252,14 @@ def inject_adapter(model: nn.Module, cfg: AdapterConfig, name: str = "default", 
                 setattr(model.get_submodule(parent) if parent else model, child, layer)
         except ValueError as e:
             raise UsageError(f"adapter ({mod_name})", str(e)) from None
+    # what trains is what each variant's ``tensors`` lists, whatever the names; all else is frozen
+    keep = {id(t) for _, layer in lora_layers(model) for n in layer.adapters
+            for t in layer.variant(n).tensors(layer, n).values()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
     configs[name] = replace(cfg, targets=targets)
+    set_trainable(model, name, True)
     set_active_adapter(model, [name] if activate else list(model.active_adapters))
     return model
 
@@ -342,6 +351,7 @@ def peft_config_dict(cfg: AdapterConfig, base_model_name_or_path: str = "", rank
     """adapter_config.json for ``cfg`` with PEFT 0.21's LoraConfig keys. ``rank_factor`` 2:
     the rank-2r export of a base-rewriting init (alpha scaled so s is unchanged)."""
     a = rank_factor if not cfg.rslora else math.sqrt(rank_factor)
+    variant = get_variant(cfg.kind)
     return {
         "alpha_pattern": {k: _num(v * a) for k, v in cfg.alpha_pattern.items()},
         "auto_mapping": None,
@@ -361,14 +371,14 @@ def peft_config_dict(cfg: AdapterConfig, base_model_name_or_path: str = "", rank
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "modules_to_save": None,
-        "peft_type": "LORA",
+        "peft_type": "LORA" if variant.peft_compatible else LEANTUNE_PEFT_TYPE,
         "r": cfg.r * rank_factor,
         "rank_pattern": {k: v * rank_factor for k, v in cfg.rank_pattern.items()},
         "revision": None,
         "target_modules": cfg.targets,
         "task_type": "CAUSAL_LM",
         "use_rslora": cfg.rslora,
-        **get_variant(cfg.kind).peft_flags,
+        **(variant.peft_flags if variant.peft_compatible else {"use_dora": False, "leantune_variant": cfg.kind}),
     }
 
 
@@ -413,7 +423,16 @@ def config_from_peft(raw, where: str, kind_hint: str | None = None) -> AdapterCo
     """An ``AdapterConfig`` from a PEFT adapter_config.json dict; ModelError for what leantune cannot load."""
     if not isinstance(raw, dict):
         raise ModelError(where, "adapter_config.json is not a JSON object")
-    if raw.get("peft_type") != "LORA":
+    own = raw.get("leantune_variant")
+    if raw.get("peft_type") == LEANTUNE_PEFT_TYPE or own is not None:
+        if not isinstance(own, str) or not own:
+            raise ModelError(where, f"peft_type {LEANTUNE_PEFT_TYPE!r} needs a leantune_variant name, got {own!r}")
+        try:
+            get_variant(own)
+        except ValueError:
+            raise ModelError(where, f"adapter variant {own!r} is not available in this installation "
+                                    f"(have {', '.join(variant_names())})") from None
+    elif raw.get("peft_type") != "LORA":
         raise ModelError(where, f"peft_type {raw.get('peft_type')!r} is not supported (only \"LORA\")")
     for key in _UNSUPPORTED:
         if raw.get(key):
@@ -431,13 +450,16 @@ def config_from_peft(raw, where: str, kind_hint: str | None = None) -> AdapterCo
         raise ModelError(where, f"init_lora_weights = {init!r} is not supported (convert it to plain LoRA)")
     else:
         init = "none"  # the file holds the weights
-    kind = "dora" if raw.get("use_dora") else "lora"
-    if not raw.get("use_dora") and kind_hint not in (None, "", "lora", "dora"):
+    kind = own or ("dora" if raw.get("use_dora") else "lora")
+    if not own and not raw.get("use_dora") and kind_hint not in (None, "", "lora", "dora"):
         try:
-            if get_variant(kind_hint).peft_flags == get_variant("lora").peft_flags:
+            v = get_variant(kind_hint)
+            if v.peft_compatible and v.peft_flags == get_variant("lora").peft_flags:
                 kind = kind_hint
         except ValueError:
-            pass  # a variant this installation lacks: plain LoRA computes the same output
+            # a PEFT-compatible variant this installation lacks (peft_type "LORA" promises that
+            # PEFT's plain LoRA computes its output): load it as plain LoRA
+            pass
     try:
         return AdapterConfig(kind=kind, r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8),
                              dropout=raw.get("lora_dropout", 0.0), targets=raw["target_modules"], init=init,
@@ -496,8 +518,11 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
             if key.endswith("." + alias):
                 canon = key[: -len(alias)] + suffix
         if canon not in expected or any(canon == p[1] for p in plan):
-            raise ModelError(str(w_path), f"unexpected tensor {key!r}: not a {cfg.kind} weight of a module "
-                                          f"that target_modules selects in this model")
+            hint = f.metadata.get("leantune_kind")
+            why = (f"; the file was saved with leantune's variant {hint!r}, which this installation lacks"
+                   if hint and hint != cfg.kind and hint not in variant_names() else "")
+            raise ModelError(str(w_path), f"unexpected tensor {key!r}: not a weight of adapter kind {cfg.kind!r} "
+                                          f"on a module that target_modules selects in this model{why}")
         mod_name, suffix, shape = expected[canon]
         if tuple(f.shape(key)) != shape:
             raise ModelError(str(w_path), f"tensor {key!r} has shape {list(f.shape(key))}, this model needs "

@@ -1,4 +1,4 @@
-"""The LoRA layer, the registry of LoRA variants, and the built-in variants "lora" and "dora".
+"""The LoRA layer, the registry of LoRA variants, and the built-in variant "lora".
 
     y = W0 x + b + (alpha / r) B A dropout(x)       (rsLoRA: alpha / sqrt(r))
 
@@ -27,16 +27,19 @@ back, so "the base" is always the original W; and a saved adapter is converted t
 LoRA on the original W (rank 2r, see ``peft_core.adapters.save_adapter``).
 
 Several named adapters live side by side (``lora_A[name]`` ModuleDicts, as PEFT). ``active``
-lists the adapters applied (their outputs add up); ``disabled`` switches all of them off;
+lists the adapters applied (in turn, see Variants); ``disabled`` switches all of them off;
 ``forward(x, adapter_names=[...])`` (or ``row_adapters``) picks one adapter per batch row,
 "__base__" for none.
 
 Variants: a variant is one small class registered with ``@register_variant(name)``; its
-hooks (``init``, ``delta``, ``merge``/``unmerge``, ``shapes``/``tensors``, ``set_trainable``)
-are called with the layer and the adapter name. "lora" is :class:`LoraVariant`; "dora" is
-:class:`DoraVariant`; others live in ``peft_core/variants/<name>.py`` and are imported on
-first use. Standard LoRA on a 4-bit base runs as one fused autograd Function
-(``quant.fused_lora``); variants that set ``fused_4bit = False`` take the reference path.
+hooks (``init``, ``tensors``/``shapes``, ``forward``, ``delta``, ``delta_weight``,
+``merge``/``unmerge``, ``set_trainable``) are called with the layer and the adapter name, and
+its class properties (``fused_4bit``, ``linear``, ``peft_compatible``, ``peft_flags``) say
+what it allows; :class:`LoraVariant` spells out the contract. "lora" is :class:`LoraVariant`;
+the others (``dora``, ``lora_fa``, ``gated``) live in ``peft_core/variants/<name>.py`` and are
+imported on first use. Several active adapters are applied in turn, each ``delta`` seeing the
+output so far (PEFT's order). Standard LoRA on a 4-bit base runs as one fused autograd
+Function (``quant.fused_lora``); every other variant takes the reference path.
 """
 from __future__ import annotations
 
@@ -120,17 +123,43 @@ class AdapterSpec:
 class LoraVariant:
     """Standard LoRA; the base class of every variant (override only what differs).
 
-    ``fused_4bit``: may run as ``quant.fused_lora.LoRA4bitFunction`` on a 4-bit base (only
-    used while ``forward`` and ``delta`` are LoRA's own).
-    ``linear``: the merged weight is W + s B A (a base-rewriting init can be exported as a
-    plain LoRA). ``peft_flags``: the adapter_config.json keys that tell PEFT the variant.
+    The contract (every hook gets the layer and the adapter name):
+
+    - ``init(layer, name)``: create the variant's own parameters on the layer (after A and B
+      are initialised), e.g. in an ``nn.ParameterDict`` attribute; per-adapter state that is
+      not a parameter goes in ``layer.variant_state[name]``, caches that depend on the base
+      weight in ``layer.variant_cache`` (cleared whenever the base weight changes).
+    - ``tensors(layer, name)``: the adapter's parameters by saved key suffix. They are what is
+      saved, what loading copies into, and what trains (``set_trainable``), whatever their
+      names; every other parameter of the model is frozen by ``inject_adapter``.
+      ``shapes`` gives the same keys with their shapes (checked before loading).
+    - ``forward(layer, name, x)``: base(x) plus this adapter, when it is the only one applied.
+    - ``delta(layer, name, x, result)``: what the adapter adds to ``result``, the layer's
+      output so far (base(x) for the first adapter; several active adapters are applied in
+      turn, as PEFT does).
+    - ``delta_weight(layer, name)`` / ``merge(layer, name, w, w0)`` / ``unmerge(layer, name, w)``:
+      the weight view (``w`` the current fp32 weight, ``w0`` the base with no adapter merged).
+      The defaults fold in ``delta_weight``, s B A by default. A variant that overrides
+      ``delta`` or ``forward`` must override ``delta_weight`` or ``merge``/``unmerge``;
+      otherwise merging it raises UsageError (never a silently wrong weight).
+    - ``set_trainable(layer, name, trainable)``.
+
+    Class properties: ``fused_4bit``: may run as ``quant.fused_lora.LoRA4bitFunction`` on a
+    4-bit base (only used while ``forward`` and ``delta`` are LoRA's own). ``linear``: the
+    merged weight is W + s B A (a base-rewriting init can be exported as a plain LoRA).
+    ``peft_compatible``: PEFT loads the saved adapter as LoRA (with ``peft_flags``, the
+    adapter_config.json keys that tell PEFT the variant, e.g. ``use_dora``) and computes the
+    same output. A variant that is not is saved with ``peft_type`` "LEANTUNE" and
+    ``leantune_variant`` in adapter_config.json, so PEFT refuses it instead of loading it as
+    plain LoRA. ``aliases``: other key suffixes accepted on load -> the canonical suffix.
     """
 
     name = "lora"
     fused_4bit = True
     linear = True
+    peft_compatible = True
     peft_flags = {"use_dora": False}
-    aliases: dict = {}  # other key suffixes accepted on load -> the canonical suffix
+    aliases: dict = {}
 
     def init(self, layer: "LoraLinear", name: str) -> None:
         """Create extra parameters (after A and B are initialised)."""
@@ -153,26 +182,40 @@ class LoraVariant:
         """True when the output is plain LoRA's (neither ``forward`` nor ``delta`` overridden)."""
         return type(self).forward is LoraVariant.forward and type(self).delta is LoraVariant.delta
 
-    def delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """What the adapter adds to ``base_out = base(x)``: s B A dropout(x)."""
+    def delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to ``result`` (the output so far): s B A dropout(x)."""
         spec = layer.adapters[name]
         xd = layer.lora_dropout[name](x)
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
         return F.linear(F.linear(xd, A.to(x.dtype)), B.to(x.dtype)) * spec.scaling
 
-    def merge(self, layer: "LoraLinear", name: str, w: torch.Tensor) -> torch.Tensor:
-        """The base weight with the adapter folded in (w fp32 [out, in])."""
-        return w + layer.delta_weight(name)
+    def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
+        """The merged update, fp32 [out, in]: s B A."""
+        self._check_mergeable()
+        return layer.delta_weight(name)
+
+    def merge(self, layer: "LoraLinear", name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """The weight ``w`` (fp32 [out, in]) with the adapter folded in; ``w0``: the base
+        weight with no adapter merged (for variants whose update depends on it)."""
+        return w + self.delta_weight(layer, name)
 
     def unmerge(self, layer: "LoraLinear", name: str, w: torch.Tensor) -> torch.Tensor:
-        return w - layer.delta_weight(name)
+        return w - self.delta_weight(layer, name)
+
+    def _check_mergeable(self) -> None:
+        if not self.standard_math() and type(self).delta_weight is LoraVariant.delta_weight:
+            from leantune.base import UsageError
+
+            raise UsageError(f"adapter kind {self.name!r}", "the variant overrides delta/forward but says nothing "
+                                                           "about merging (override delta_weight, or merge and "
+                                                           "unmerge): refusing to merge it as plain LoRA")
 
     def shapes(self, in_features: int, out_features: int, r: int) -> dict[str, tuple]:
         """Saved tensors: key suffix (after the module name) -> shape."""
         return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 
     def tensors(self, layer: "LoraLinear", name: str) -> dict[str, torch.Tensor]:
-        """The live parameters behind ``shapes`` (saving reads them, loading copies into them)."""
+        """The adapter's parameters behind ``shapes``: saved, loaded, and trained."""
         return {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
 
     def set_trainable(self, layer: "LoraLinear", name: str, trainable: bool) -> None:
@@ -181,103 +224,6 @@ class LoraVariant:
 
 
 _VARIANTS["lora"] = LoraVariant()
-
-
-@register_variant("dora")
-class DoraVariant(LoraVariant):
-    """DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353), as PEFT computes it.
-
-        W' = m * (W + s B A) / ||W + s B A||_row       m = lora_magnitude_vector [out]
-        y  = base(x) + (m/n - 1) (W x) + (m/n) s B A x,  n = ||W + s B A||_row, detached
-
-    n is treated as a constant (paper section 4.3; PEFT detaches it). It is computed without a
-    full-size weight copy: the row norms of the frozen W are cached, and each step adds only
-    low-rank terms (``LoraLinear.dora_weight_norm``). With dropout in training, W x uses the
-    dropped x as in PEFT.
-    """
-
-    fused_4bit = False
-    linear = False
-    peft_flags = {"use_dora": True}
-    aliases = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
-
-    def init(self, layer, name):
-        if not hasattr(layer, "lora_magnitude_vector"):
-            layer.lora_magnitude_vector = nn.ParameterDict()
-        with torch.no_grad():
-            m = layer.dora_weight_norm(name)
-        layer.lora_magnitude_vector[name] = nn.Parameter(m.to(layer.lora_A[name].weight.dtype))
-
-    def forward(self, layer, name, x):
-        """The single-adapter path, with as few full-size passes as the formula allows:
-
-            h = W x_d + s (x_d A^T) B^T            (one addmm)
-            y = b + (m/n) h                        (no dropout: one addcmul)
-            y = W x + b + (m/n) h - W x_d          (dropout in training, as PEFT)
-
-        On a 4-bit base, x W^T, x_d W^T and W A^T (for the norm) come from one pass over the
-        packed W: [X; X_d; A] W^T, A's rows detached (the norm is a constant).
-        """
-        spec = layer.adapters[name]
-        lead, n_in = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, n_in)  # (M, in)
-        M, dropout = x2.shape[0], layer.lora_dropout[name]
-        drop = layer.training and not isinstance(dropout, nn.Identity)
-        xd2 = dropout(x2) if drop else x2
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
-        wa = None
-        if layer.is_4bit:
-            ext = layer.base_matmul(torch.cat([x2] + ([xd2] if drop else []) + [A.detach()]))
-            wx, wa = ext[:M], ext[ext.shape[0] - A.shape[0]:].detach().float().t()  # W A^T  (out, r)
-            wxd = ext[M:2 * M] if drop else wx
-        else:
-            wx = layer.base_matmul(x2)  # (M, out)
-            wxd = layer.base_matmul(xd2) if drop else wx
-        with torch.no_grad():
-            norm = layer.dora_weight_norm(name, wa)  # (out,) fp32, a constant
-        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)  # m / n   (out,)
-        # h = W x_d + s * (x_d A^T) B^T
-        h = torch.addmm(wxd, F.linear(xd2, A), B.t(), alpha=spec.scaling)
-        bias = layer.base.bias
-        if drop:
-            y = wx + scale * h - wxd
-            y = y if bias is None else y + bias.to(y.dtype)
-        else:
-            # y = b + (m/n) * h
-            y = h * scale if bias is None else torch.addcmul(bias.to(h.dtype), h, scale)
-        return y.reshape(*lead, y.shape[-1])
-
-    def delta(self, layer, name, x, base_out):
-        """(m/n - 1) W x_d + (m/n) s B A x_d: PEFT's form, for several adapters at once."""
-        spec = layer.adapters[name]
-        dropout = layer.lora_dropout[name]
-        if isinstance(dropout, nn.Identity) or not layer.training:
-            wx = base_out if layer.base.bias is None else base_out - layer.base.bias.to(base_out.dtype)
-        else:
-            x = dropout(x)
-            wx = layer.base_matmul(x)  # W x_d, no bias
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
-        with torch.no_grad():
-            norm = layer.dora_weight_norm(name)
-        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)
-        return (scale - 1) * wx + scale * (F.linear(F.linear(x, A), B) * spec.scaling)
-
-    def merge(self, layer, name, w):
-        dw = layer.delta_weight(name)
-        norm = torch.linalg.norm(w + dw, dim=1)  # from the unmerged weight, kept for unmerge
-        layer._merge_norms[name] = norm
-        return (layer.lora_magnitude_vector[name].float() / norm)[:, None] * (w + dw)
-
-    def unmerge(self, layer, name, w):
-        norm = layer._merge_norms.pop(name)
-        return w / (layer.lora_magnitude_vector[name].float() / norm)[:, None] - layer.delta_weight(name)
-
-    def shapes(self, in_features, out_features, r):
-        return {**super().shapes(in_features, out_features, r), "lora_magnitude_vector": (out_features,)}
-
-    def tensors(self, layer, name):
-        return {**super().tensors(layer, name), "lora_magnitude_vector": layer.lora_magnitude_vector[name]}
-
 
 # ------------------------------------------------------------------------------------------
 # the layer
@@ -327,8 +273,8 @@ class LoraLinear(nn.Module):
         self.row_adapters: list[str] | None = None  # per-row selection set by adapters.adapter_rows
         self.init_owner: str | None = None  # the adapter whose init rewrote the base ("" once deleted)
         self.init_scaling = 0.0
-        self._merge_norms: dict[str, torch.Tensor] = {}
-        self._norm_cache: tuple | None = None
+        self.variant_state: dict[str, dict] = {}  # adapter -> its variant's non-parameter state
+        self.variant_cache: dict = {}  # variants' caches of base-weight functions (cleared when it changes)
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora, init=init, kind=kind,
                          base_quant=base_quant, loftq_iters=loftq_iters)
 
@@ -375,6 +321,7 @@ class LoraLinear(nn.Module):
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             d[name].train(self.training)  # a new adapter takes the layer's mode (eval stays eval)
         self.adapters[name] = spec
+        self.variant_state[name] = {}
         try:
             self._init_weights(name, base_quant, loftq_iters)
             variant.init(self, name)
@@ -448,7 +395,7 @@ class LoraLinear(nn.Module):
             self.base.requires_grad_(False)
         else:
             self.base.weight.data.copy_(w.to(self.base.weight.dtype))
-        self._norm_cache = None
+        self.variant_cache.clear()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerged first; a rewritten base gets its s B0 A0 back)."""
@@ -470,6 +417,7 @@ class LoraLinear(nn.Module):
             if isinstance(d, (nn.ModuleDict, nn.ParameterDict)) and name in d:
                 del d[name]
         self.adapters.pop(name, None)
+        self.variant_state.pop(name, None)
         self.active = [n for n in self.active if n != name]
         if self.init_owner == name:
             self._clear_init()
@@ -520,41 +468,6 @@ class LoraLinear(nn.Module):
     def _init_delta_weight(self) -> torch.Tensor:
         return self.init_scaling * (self.init_lora_B.float() @ self.init_lora_A.float())
 
-    def weight_row_sq_norm(self) -> torch.Tensor:
-        """||W_i||^2 per output row (fp32 [out]), cached while the frozen base is unchanged."""
-        w = self.base.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                if self.is_4bit:
-                    sq = self.base.dequantize(torch.float32).pow(2).sum(1)
-                else:
-                    sq = torch.cat([c.float().pow(2).sum(1) for c in w.detach().split(1024)])
-            self._norm_cache = (key, sq)
-        return self._norm_cache[1]
-
-    def dora_weight_norm(self, name: str, wa: torch.Tensor | None = None) -> torch.Tensor:
-        """||W + s B A||_row (fp32 [out]) without forming W + s B A.
-
-            ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <W_i, (BA)_i> + s^2 ||(BA)_i||^2
-            <W_i, (BA)_i>        = rowsum((W A^T) * B)          W A^T is [out, r]
-            ||(BA)_i||^2         = rowsum((B (A A^T)) * B)      A A^T is [r, r]
-
-        ``wa``: W A^T (fp32 [out, r]) when the caller already has it.
-        """
-        spec = self.adapters[name]
-        A, B, s = self.lora_A[name].weight.float(), self.lora_B[name].weight.float(), spec.scaling
-        if wa is not None:
-            pass
-        elif self.is_4bit:
-            cdt = self.base.compute_dtype or torch.float32
-            wa = dispatch.matmul_4bit(A.to(cdt), self.base.weight, self.base.quant_state).float().t()  # (out, r)
-        else:
-            wa = F.linear(A.to(self.base.weight.dtype), self.base.weight).float().t()  # W A^T  (out, r)
-        cross = (wa * B).sum(1)
-        ba_sq = ((B @ (A @ A.t())) * B).sum(1)
-        return (self.weight_row_sq_norm() + 2 * s * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
-
     # -- forward -------------------------------------------------------------------------
     def _needs_init_delta(self, applied) -> bool:
         return self.init_owner is not None and self.init_owner not in applied and self.init_owner not in self.merged
@@ -584,9 +497,9 @@ class LoraLinear(nn.Module):
             n = names[0]
             out = self._fused(x, n) if self._fusable(n) else self.variant(n).forward(self, n, x)
         else:
-            out = base_out = self.base(x)
-            for n in names:
-                out = out + self.variant(n).delta(self, n, x, base_out)
+            out = self.base(x)
+            for n in names:  # in turn, each on the output so far (PEFT's order and DoRA chaining)
+                out = out + self.variant(n).delta(self, n, x, out)
         if self._needs_init_delta(names):
             out = out + self._init_delta(x)
         return out
@@ -627,13 +540,15 @@ class LoraLinear(nn.Module):
         """Fold adapters (default: the active ones) into the dense base weight."""
         if self.is_4bit:
             raise ValueError("cannot merge into a 4-bit base in place (use adapters.merge_and_unload)")
+        w0 = None
         for n in (self.active if names is None else names):
             if n not in self.adapters or n in self.merged:
                 continue
+            w0 = self.unmerged_base_weight() if w0 is None else w0
             w = self.base.weight
-            w.data.copy_(self.variant(n).merge(self, n, w.float()).to(w.dtype))
+            w.data.copy_(self.variant(n).merge(self, n, w.float(), w0).to(w.dtype))
             self.merged.append(n)
-        self._norm_cache = None
+            self.variant_cache.clear()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -642,7 +557,15 @@ class LoraLinear(nn.Module):
             n = self.merged.pop()
             w = self.base.weight
             w.data.copy_(self.variant(n).unmerge(self, n, w.float()).to(w.dtype))
-        self._norm_cache = None
+            self.variant_cache.clear()
+
+    @torch.no_grad()
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """fp32 [out, in]: the base weight with the merged adapters taken out (a copy)."""
+        w = self.base_weight(torch.float32).float().clone()
+        for n in reversed(self.merged):
+            w = self.variant(n).unmerge(self, n, w)
+        return w
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -650,11 +573,11 @@ class LoraLinear(nn.Module):
         s B0 A0 when the adapter that rewrote the base is neither)."""
         applied = [n for n in self.active if n in self.adapters and n not in self.merged]
         w = self.base_weight(torch.float32).float().clone()
+        w0 = self.unmerged_base_weight() if (self.merged and applied) else w.clone()
         if self._needs_init_delta(applied):
             w += self._init_delta_weight()
-        for n in applied:
-            w = self.variant(n).merge(self, n, w)
-            self._merge_norms.pop(n, None)  # a copy, not a merge of the layer: nothing to undo
+        for n in applied:  # a copy: the variants' merge state of an unmerged adapter is unused
+            w = self.variant(n).merge(self, n, w, w0)
         return w
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from leantune.peft_core import adapters as ad
 from leantune.peft_core.adapters import AdapterConfig, adapter_rows, delete_adapter, disable_adapters, inject_adapter, load_adapter, lora_layers, merge_adapter, merge_and_unload, save_adapter, set_active_adapter, trainable_report, unmerge_adapter
 from leantune.base import ModelError, UsageError
 from leantune.peft_core.lora import BASE, LoraLinear, LoraVariant, get_variant, register_variant
+from leantune.peft_core.variants import dora
 from leantune.quant.modules import Linear4bit, replace_linears
 from tests.helpers import tiny_model, tiny_model_dir
 
@@ -163,7 +164,7 @@ def test_dora_matches_the_formula_with_gradients(four_bit):
     m = layer.lora_magnitude_vector["default"]
     torch.testing.assert_close(m.detach(), torch.linalg.norm(w, dim=1))
     randomize(layer)
-    torch.testing.assert_close(layer.dora_weight_norm("default"),
+    torch.testing.assert_close(dora.weight_norm(layer, "default"),
                                torch.linalg.norm(w + 1.5 * B.detach() @ A.detach(), dim=1))
     x = torch.randn(3, 5, 40)
     y = layer(x)
@@ -178,10 +179,10 @@ def test_dora_matches_the_formula_with_gradients(four_bit):
 
 def test_dora_norm_cache_follows_base_changes():
     layer = LoraLinear(16, 8, r=2, alpha=2, kind="dora")
-    n0 = layer.weight_row_sq_norm().clone()
+    n0 = dora.row_sq_norm(layer).clone()
     with torch.no_grad():
         layer.base.weight.mul_(2)
-    torch.testing.assert_close(layer.weight_row_sq_norm(), 4 * n0)
+    torch.testing.assert_close(dora.row_sq_norm(layer), 4 * n0)
 
 
 # ------------------------------------------------------------------------------------------
