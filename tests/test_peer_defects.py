@@ -53,3 +53,65 @@ def test_frozen_adapter_loaded_into_an_eval_model_is_in_eval_mode(tmp_path, seco
     assert not any(m.training for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(IDS), model(IDS))
+
+
+# ------------------------------------------------------------------------------------------
+# 1. several active adapters with DoRA: PEFT 0.21 applies them in turn, DoRA's magnitude on
+#    the output so far; merging takes DoRA's norm from the unmerged base
+# ------------------------------------------------------------------------------------------
+MULTI = {"lora+lora": (False, False), "dora+dora": (True, True), "lora+dora": (False, True),
+         "dora+lora": (True, False)}
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from leantune.peft_core.checkpoint import save_model
+
+    base_dir = tmp_path_factory.mktemp("base")
+    save_model(tiny_model("llama-bias", seed=11), base_dir)
+
+    def hf_model():
+        return transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    return base_dir, hf_model
+
+
+@pytest.mark.parametrize("case", sorted(MULTI))
+def test_several_active_adapters_match_peft(case, hf_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from leantune.peft_core.adapters import lora_layers, merge_adapter, set_active_adapter, unmerge_adapter
+    from leantune.peft_core.checkpoint import load_model
+
+    base_dir, hf_model = hf_base
+    dora_a, dora_b = MULTI[case]
+    torch.manual_seed(21)
+    peft_model = get_peft_model(hf_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                       use_dora=dora_a, init_lora_weights=False), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj", "up_proj", "o_proj"],
+                                           use_dora=dora_b, init_lora_weights=False))
+    with torch.no_grad():  # magnitudes away from the norms, so m/n - 1 matters
+        for n, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn(p.shape))
+    peft_model.base_model.set_adapter(["a", "b"])
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(IDS).logits
+    peft_model.save_pretrained(tmp_path)  # each non-default adapter in its own folder
+    ours = load_model(base_dir).eval()
+    load_adapter(ours, tmp_path / "a", "a")
+    load_adapter(ours, tmp_path / "b", "b")
+    set_active_adapter(ours, ["a", "b"])
+    with torch.no_grad():
+        got = ours(IDS)
+        assert rel(got, want) < 1e-5, rel(got, want)
+        before = {n: layer.base.weight.clone() for n, layer in lora_layers(ours)}
+        merge_adapter(ours)
+        assert rel(ours(IDS), got) < 1e-5
+        unmerge_adapter(ours)
+        for n, layer in lora_layers(ours):
+            assert (layer.base.weight - before[n]).abs().max() < 1e-6, n
+        assert rel(ours(IDS), got) < 1e-5
