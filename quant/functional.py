@@ -247,7 +247,8 @@ def quantize_4bit(
 
     Returns ``(packed, state)``: ``packed`` uint8 flat ``[ceil(numel / 2)]`` (element 2j in
     the high nibble), ``state`` a :class:`QuantState` (see the module docstring for the math).
-    Raises ValueError for a bad blocksize / quant type / dtype or a NaN / Inf in ``w``.
+    Raises ValueError for a bad blocksize / quant type / dtype, a NaN / Inf in ``w``, or (with
+    ``double_quant``) block absmax values whose float32 mean overflows.
     """
     check_blocksize(blocksize)
     if double_quant:
@@ -277,6 +278,11 @@ def make_quant_state(absmax: torch.Tensor, w: torch.Tensor, blocksize: int, quan
     nested = None
     if double_quant:
         offset = absmax.mean()
+        if not bool(torch.isfinite(offset)):
+            # bitsandbytes stores the inf offset (and an inf nested absmax) and dequantizes
+            # to NaN; refuse here rather than make a state dequantize_4bit refuses
+            raise ValueError("double_quant: the mean of the block absmax values overflows float32 "
+                             f"(largest {float(absmax.max()):.4g}); quantize with double_quant=False")
         qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, _DYNAMIC_MAP, nested_blocksize)
         nested = NestedState(
             absmax=nested_absmax, code=_DYNAMIC_MAP.to(w.device, copy=True),

@@ -115,3 +115,30 @@ def test_several_active_adapters_match_peft(case, hf_base, tmp_path):
         for n, layer in lora_layers(ours):
             assert (layer.base.weight - before[n]).abs().max() < 1e-6, n
         assert rel(ours(IDS), got) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# 5. double quantization of absmax values whose fp32 mean overflows: bitsandbytes stores an
+#    inf offset and nested absmax (its dequantize gives NaN); leantune refuses at quantize time
+#    instead of producing a state its own loader refuses
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["reference", "dispatch"])
+def test_double_quant_overflow_is_refused_at_quantize_time(path):
+    from leantune.quant import dispatch
+    from leantune.quant import functional as F
+
+    quantize = F.quantize_4bit if path == "reference" else dispatch.quantize_4bit
+    w = torch.full((640,), 3e38)
+    with pytest.raises(ValueError, match="double_quant"):
+        quantize(w, double_quant=True)
+    packed, state = quantize(w, double_quant=False)  # without double quantization it is fine
+    assert torch.isfinite(F.dequantize_4bit(packed, state)).all()
+    packed, state = quantize(torch.full((640,), 3e37), double_quant=True)  # the mean fits: fine
+    torch.testing.assert_close(F.dequantize_4bit(packed, state), torch.full((640,), 3e37))
+
+
+def test_bitsandbytes_state_for_the_overflow_is_unusable():
+    """Why refusing is right: bitsandbytes' own state for the same input dequantizes to NaN."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    q, st = bnb_f.quantize_4bit(torch.full((640,), 3e38), blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert not torch.isfinite(st.offset) and not torch.isfinite(bnb_f.dequantize_4bit(q, st)).any()
