@@ -170,24 +170,28 @@ class LoraVariant:
         gets base(x) + delta."""
         if not self.standard_math():
             base_out = layer.base(x)
-            return base_out + self.delta(layer, name, x, base_out)
+            return (base_out + self.delta(layer, name, x, base_out)).to(base_out.dtype)
         spec = layer.adapters[name]
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
-        y = layer.base(x).reshape(-1, B.shape[0])  # (M, out)
-        xa = F.linear(layer.lora_dropout[name](x), A).reshape(-1, A.shape[0])  # (M, r)
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        base_out = layer.base(x)
+        y = base_out.reshape(-1, B.shape[0]).to(A.dtype)  # (M, out)
+        # in the adapter's dtype (fp32 adapters on a bf16 base: x cast up, as PEFT)
+        xa = F.linear(layer.lora_dropout[name](x.to(A.dtype)), A).reshape(-1, A.shape[0])  # (M, r)
         # y += s * (x_d A^T) B^T
-        return torch.addmm(y, xa, B.t(), alpha=spec.scaling).reshape(*x.shape[:-1], B.shape[0])
+        y = torch.addmm(y, xa, B.t(), alpha=spec.scaling).to(base_out.dtype)
+        return y.reshape(*x.shape[:-1], B.shape[0])
 
     def standard_math(self) -> bool:
         """True when the output is plain LoRA's (neither ``forward`` nor ``delta`` overridden)."""
         return type(self).forward is LoraVariant.forward and type(self).delta is LoraVariant.delta
 
     def delta(self, layer: "LoraLinear", name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What the adapter adds to ``result`` (the output so far): s B A dropout(x)."""
+        """What the adapter adds to ``result`` (the output so far): s B A dropout(x), in the
+        adapter weights' dtype (as PEFT; the layer casts the sum back to the base's dtype)."""
         spec = layer.adapters[name]
-        xd = layer.lora_dropout[name](x)
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        return F.linear(F.linear(xd, A.to(x.dtype)), B.to(x.dtype)) * spec.scaling
+        xd = layer.lora_dropout[name](x.to(A.dtype))
+        return F.linear(F.linear(xd, A), B) * spec.scaling
 
     def delta_weight(self, layer: "LoraLinear", name: str) -> torch.Tensor:
         """The merged update, fp32 [out, in]: s B A."""
@@ -487,7 +491,7 @@ class LoraLinear(nn.Module):
         xc = x.to(cdt)
         dropout = self.lora_dropout[name]
         x_drop = dropout(xc) if (self.training and not isinstance(dropout, nn.Identity)) else None
-        A, B = self.lora_A[name].weight.to(cdt), self.lora_B[name].weight.to(cdt)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # the LoRA products in their dtype
         y = lora_4bit(xc, base.weight, base.quant_state, base.bias, A, B, spec.scaling, x_drop)
         return y.to(x.dtype)
 
@@ -498,8 +502,10 @@ class LoraLinear(nn.Module):
             out = self._fused(x, n) if self._fusable(n) else self.variant(n).forward(self, n, x)
         else:
             out = self.base(x)
+            dt = out.dtype
             for n in names:  # in turn, each on the output so far (PEFT's order and DoRA chaining)
                 out = out + self.variant(n).delta(self, n, x, out)
+            out = out.to(dt)  # deltas in the adapters' dtype (fp32), the output in the base's
         if self._needs_init_delta(names):
             out = out + self._init_delta(x)
         return out

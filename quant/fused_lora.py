@@ -20,6 +20,12 @@ G B (M, r) is computed once and shared by dX and dA. X_d is saved only when A tr
 (LoRA-FA freezes A: then only XA is kept). The base matmul goes through
 ``quant.dispatch.matmul_4bit`` (reference, C or Triton, chosen in one place).
 
+Precision (as PEFT): the LoRA products run in the adapter weights' dtype (fp32 adapters on a
+bf16 base: X_d is cast up, XA, G B and the update are fp32); the base product stays in x's
+dtype (a bf16 GEMM), its output (plus b) is cast up, the update added, and Y cast back to
+x's dtype once. PEFT keeps the adapter path in fp32 the same way; computing it in bf16 put the
+logits about 2.5x further from an fp32 model (``tests/test_peer_defects.py``).
+
 ``lora_4bit_reference`` is the readable twin: dequantize W and write the formula; the tests
 compare the Function (outputs and every gradient) against it.
 """
@@ -36,10 +42,12 @@ from leantune.quant.state import QuantState
 def lora_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None,
                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                         x_drop: torch.Tensor | None = None) -> torch.Tensor:
-    """``x W^T + b + s (x_d A^T) B^T`` in plain PyTorch (W dequantized in x's dtype)."""
+    """``x W^T + b + s (x_d A^T) B^T`` in plain PyTorch (W dequantized in x's dtype, the LoRA
+    term in the adapter's dtype, the sum cast back to x's dtype)."""
     w = dequantize_4bit(packed, state, x.dtype)  # (out, in)
-    xd = x if x_drop is None else x_drop
-    return F.linear(x, w, bias) + scaling * F.linear(F.linear(xd, lora_A), lora_B)
+    xd = (x if x_drop is None else x_drop).to(lora_A.dtype)
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return (y.to(lora_A.dtype) + scaling * F.linear(F.linear(xd, lora_A), lora_B)).to(x.dtype)
 
 
 class LoRA4bitFunction(torch.autograd.Function):
@@ -47,7 +55,8 @@ class LoRA4bitFunction(torch.autograd.Function):
 
     Arguments: x (..., in); packed, state: the 4-bit W [out, in]; bias [out] or None;
     lora_A [r, in]; lora_B [out, r]; scaling s; x_drop: dropout(x) or None (no dropout).
-    x, x_drop, lora_A, lora_B share one dtype (the caller casts); returns (..., out) in it.
+    x and x_drop share one dtype, lora_A and lora_B another (or the same); returns (..., out)
+    in x's dtype, the LoRA products computed in lora_A's.
     """
 
     @staticmethod
@@ -55,14 +64,15 @@ class LoRA4bitFunction(torch.autograd.Function):
         lead, n_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, n_in)  # (M, in)
         xd2 = x2 if x_drop is None else x_drop.reshape(-1, n_in)
-        # XA = X_d @ A^T                                    (M, r)
-        xa = xd2 @ lora_A.t()
-        # Y = X @ W^T                                       (M, out), the 4-bit matmul
+        ldt = lora_A.dtype
+        # XA = X_d @ A^T                                    (M, r), in the adapter's dtype
+        xa = xd2.to(ldt) @ lora_A.t()
+        # Y = X @ W^T + b                                   (M, out), the 4-bit matmul in x's dtype
         y = dispatch.matmul_4bit(x2, packed, state)
-        # Y += s * XA @ B^T
-        y.addmm_(xa, lora_B.t(), alpha=scaling)
         if bias is not None:
             y += bias.to(y.dtype)
+        # Y += s * XA @ B^T                                 (in the adapter's dtype, then back)
+        y = y.to(ldt).addmm_(xa, lora_B.t(), alpha=scaling).to(x.dtype)
         a_trains = ctx.needs_input_grad[4]
         ctx.save_for_backward(packed, xd2 if a_trains else None, xa, lora_A, lora_B)
         ctx.state, ctx.scaling, ctx.has_drop = state, scaling, x_drop is not None
@@ -73,27 +83,29 @@ class LoRA4bitFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         packed, xd2, xa, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
-        g = grad_y.reshape(-1, grad_y.shape[-1])  # (M, out)
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (M, out), x's dtype
+        ldt, xdt = lora_A.dtype, grad_y.dtype
+        gl = g.to(ldt)  # the LoRA products run in the adapter's dtype
         needs_x, needs_b, needs_A, needs_B, needs_xd = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5, 7))
         grad_x = grad_bias = grad_A = grad_B = grad_xd = None
-        gb = g @ lora_B if (needs_x or needs_A or needs_xd) else None  # G @ B   (M, r)
+        gb = gl @ lora_B if (needs_x or needs_A or needs_xd) else None  # G @ B   (M, r)
         if needs_x:
             # dX = G @ W                                    (the transposed 4-bit matmul)
             grad_x = dispatch.matmul_4bit(g, packed, ctx.state, transpose=True)
             if not ctx.has_drop:
                 # dX += s * (G @ B) @ A
-                grad_x.addmm_(gb, lora_A, alpha=s)
+                grad_x = grad_x.to(ldt).addmm_(gb, lora_A, alpha=s).to(xdt)
             grad_x = grad_x.reshape(*ctx.lead, grad_x.shape[-1])
         if needs_xd:
             # dX_d = s * (G @ B) @ A
-            grad_xd = torch.mm(gb, lora_A).mul_(s).reshape(*ctx.lead, lora_A.shape[1])
+            grad_xd = torch.mm(gb, lora_A).mul_(s).to(xdt).reshape(*ctx.lead, lora_A.shape[1])
         if needs_A:
             # dA = s * (G @ B)^T @ X_d                      (r, in)
-            grad_A = torch.mm(gb.t(), xd2).mul_(s)
+            grad_A = torch.mm(gb.t(), xd2.to(ldt)).mul_(s)
         if needs_B:
             # dB = s * G^T @ XA = s * (XA^T @ G)^T          (out, r); the second form runs
             # 2-90x faster in MKL's sgemm (for out = 576, G^T @ XA took 5.5 ms, this 0.07 ms)
-            grad_B = torch.mm(xa.t(), g).t().mul_(s).contiguous()
+            grad_B = torch.mm(xa.t(), gl).t().mul_(s).contiguous()
         if needs_b:
             # db = sum of G over rows
             grad_bias = g.sum(0).to(ctx.bias_dtype)

@@ -142,3 +142,66 @@ def test_bitsandbytes_state_for_the_overflow_is_unusable():
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     q, st = bnb_f.quantize_4bit(torch.full((640,), 3e38), blocksize=64, quant_type="nf4", compress_statistics=True)
     assert not torch.isfinite(st.offset) and not torch.isfinite(bnb_f.dequantize_4bit(q, st)).any()
+
+
+# ------------------------------------------------------------------------------------------
+# 6. precision: an unmerged fp32 adapter on a bf16 base computes its path in fp32 (as PEFT:
+#    input cast to the adapter's dtype, added to the base output, cast back once)
+# ------------------------------------------------------------------------------------------
+def test_bf16_base_keeps_the_adapter_path_in_fp32_like_peft(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from leantune.peft_core.checkpoint import save_model
+
+    src = inject_adapter(tiny_model(seed=13), AdapterConfig(r=8, alpha=16, targets="all-linear"))
+    randomize(src, seed=2, scale=0.05)
+    save_model(tiny_model(seed=13), tmp_path / "base")
+    save_adapter(src, tmp_path / "adapter")
+    with torch.no_grad():
+        exact = src.eval()(IDS).double()
+        ours = load_adapter(tiny_model(seed=13, dtype=torch.bfloat16).eval(), tmp_path / "adapter")
+        assert ours.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+        got = ours(IDS)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+        peft = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        want = peft(IDS).logits
+        for name, p in ours.named_parameters():  # the former path: the adapter computed in bf16
+            if ".lora_" in name:
+                p.data = p.data.bfloat16()
+        old = ours(IDS)
+    err_ours, err_peft, err_old = (rel(t.double(), exact) for t in (got, want, old))
+    print(f"bf16 logits vs fp32: leantune {err_ours:.3g}, PEFT {err_peft:.3g}, adapter in bf16 {err_old:.3g}")
+    assert got.dtype == torch.bfloat16
+    assert err_ours <= 1.25 * err_peft and err_ours < err_old, (err_ours, err_peft, err_old)
+
+
+def test_fused_4bit_bf16_lora_products_in_fp32():
+    """The fused path on a 4-bit base with bf16 compute: the base GEMM in bf16, the LoRA
+    products in the adapter's fp32; closer to the float64 result than an all-bf16 LoRA path."""
+    import torch.nn as nn
+
+    from leantune.quant.functional import dequantize_4bit
+    from leantune.quant.fused_lora import lora_4bit, lora_4bit_reference
+    from leantune.quant.modules import Linear4bit
+
+    g = torch.Generator().manual_seed(5)
+    q = Linear4bit.from_linear(nn.Linear(256, 128))
+    x = torch.randn(4, 9, 256, generator=g)
+    A = torch.randn(16, 256, generator=g) / 16
+    B = torch.randn(128, 16, generator=g)
+    w = dequantize_4bit(q.weight, q.quant_state, torch.float64)
+    xb = x.to(torch.bfloat16)
+    exact = xb.double() @ w.t() + q.bias.double() + 2.0 * (xb.double() @ A.double().t()) @ B.double().t()
+    fused = lora_4bit(xb, q.weight, q.quant_state, q.bias, A, B, 2.0)
+    ref = lora_4bit_reference(xb, q.weight, q.quant_state, q.bias, A, B, 2.0)
+    all_bf16 = lora_4bit(xb, q.weight, q.quant_state, q.bias, A.bfloat16(), B.bfloat16(), 2.0)
+    assert fused.dtype == ref.dtype == torch.bfloat16
+    e_fused, e_ref, e_bf16 = (rel(t.double(), exact) for t in (fused, ref, all_bf16))
+    print(f"4-bit bf16 vs float64: fused fp32-LoRA {e_fused:.3g}, reference {e_ref:.3g}, all-bf16 {e_bf16:.3g}")
+    assert e_fused <= 1.5 * e_ref + 1e-6 and e_fused < e_bf16
+    # gradients flow in the adapter's dtype
+    Al, Bl, xl = A.clone().requires_grad_(), B.clone().requires_grad_(), xb.clone().requires_grad_()
+    lora_4bit(xl, q.weight, q.quant_state, q.bias, Al, Bl, 2.0).float().square().sum().backward()
+    assert Al.grad.dtype == Bl.grad.dtype == torch.float32 and xl.grad.dtype == torch.bfloat16
