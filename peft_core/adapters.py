@@ -26,6 +26,10 @@ tensor a variant's ``tensors`` lists; no adapter name in the keys. Only a varian
 else; leantune loads it back (or names the variant when this installation lacks it). An adapter whose init rewrote the base (PiSSA, OLoRA, LoftQ) is saved as the
 equivalent plain LoRA on the original base, as PEFT's ``path_initial_model_for_weight_conversion``
 does: W_res + s B A = W + s [B, -B0] [A; A0], rank 2r, alpha doubled (rsLoRA: times sqrt 2).
+That is exact when W_res + s B0 A0 = W; LoftQ's 4-bit Q only approximates W - s B0 A0, so a
+LoftQ adapter also gets ``loftq_base.safetensors`` (Q in bitsandbytes' layout): leantune's
+``load_adapter`` puts Q back as the base and reproduces the trained model; PEFT ignores the
+file and computes the export on the original W.
 
 The model keeps its adapters' configs in ``model.adapter_configs`` and the active set in
 ``model.active_adapters``.
@@ -50,6 +54,7 @@ from leantune.peft_core.lora import BASE, BASE_REWRITING_INITS, INITS, LoraLinea
 from leantune.peft_core.safetensors_io import SafetensorsFile, write_safetensors
 
 PREFIX = "base_model.model."
+LOFTQ_BASE_FILE = "loftq_base.safetensors"  # a LoftQ adapter's 4-bit base (bitsandbytes layout)
 LEANTUNE_PEFT_TYPE = "LEANTUNE"  # peft_type of a variant PEFT cannot load (PEFT refuses the file)
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER = "lm_head"
@@ -416,7 +421,61 @@ def save_adapter(model: nn.Module, out_dir, name: str = "default", base_model_na
     write_safetensors(tensors, out / "adapter_model.safetensors",
                       metadata={"format": "pt", "leantune_kind": cfg.kind})
     write_json(out / "adapter_config.json", peft_config_dict(cfg, base_model_name_or_path, factor))
+    if cfg.init == "loftq":
+        _save_loftq_base(model, name, out / LOFTQ_BASE_FILE)
     return out
+
+
+def _save_loftq_base(model: nn.Module, name: str, path: Path) -> None:
+    """The 4-bit bases LoftQ made (Q, with W ~ Q + s B0 A0), in bitsandbytes' layout.
+
+    The rank-2r export W + s [B, -B0] [A; A0] alone is exact only when Q + s B0 A0 = W, which
+    LoftQ only approximates; with this file leantune's ``load_adapter`` puts Q back as the base
+    (and adds s B0 A0 x, as the live layer does), so the reloaded model is the trained one.
+    PEFT ignores the file and gets the export on the original W."""
+    from leantune.peft_core.quant_checkpoint import state_to_tensors
+
+    tensors = {}
+    for mod_name, layer in lora_layers(model):
+        if name in layer.adapters and layer.init_owner == name and layer.is_4bit:
+            tensors.update(state_to_tensors(f"{PREFIX}{mod_name}", layer.base.weight, layer.base.quant_state))
+    write_safetensors(tensors, path, metadata={"format": "pt", "leantune": "loftq_base"})
+
+
+def _load_loftq_base(model: nn.Module, name: str, path: Path) -> None:
+    """Put the saved LoftQ base back under adapter ``name`` (see :func:`_save_loftq_base`): the
+    layer's base becomes Q, and s B0 A0 (the export's second half) is added as the live layer does."""
+    from leantune.peft_core.quant_checkpoint import state_from_tensors
+    from leantune.peft_core.safetensors_io import read_safetensors
+
+    try:
+        tensors = read_safetensors(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the adapter's fault
+        raise ModelError(str(path), f"cannot read the LoftQ base: {e}") from None
+    for mod_name, layer in lora_layers(model):
+        prefix = f"{PREFIX}{mod_name}"
+        if name not in layer.adapters or f"{prefix}.weight" not in tensors:
+            continue
+        if layer.init_owner is not None:
+            raise ModelError(str(path), f"{mod_name}: the base was already rewritten by another adapter")
+        try:
+            packed, state = state_from_tensors(prefix, tensors)
+        except (ValueError, KeyError) as e:
+            raise ModelError(str(path), f"{mod_name}: {e}") from None
+        if tuple(state.shape) != (layer.out_features, layer.in_features):
+            raise ModelError(str(path), f"{mod_name}: LoftQ base has shape {list(state.shape)}, this model needs "
+                                        f"{[layer.out_features, layer.in_features]}")
+        spec = layer.adapters[name]
+        r = spec.r // 2
+        A, B = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+        cdt = layer.base.compute_dtype if layer.is_4bit else None
+        layer.base = Linear4bit.from_quantized(packed.to(layer.device), state, bias=layer.base.bias, compute_dtype=cdt)
+        layer.base.requires_grad_(False)
+        # "" owner: s B0 A0 x is always added (as after deleting the adapter that made a 4-bit base)
+        layer.init_owner, layer.init_scaling = "", spec.scaling
+        layer.register_buffer("init_lora_A", A[r:].clone(), persistent=False)
+        layer.register_buffer("init_lora_B", -B[:, r:].clone(), persistent=False)
+        layer.variant_cache.clear()
 
 
 def config_from_peft(raw, where: str, kind_hint: str | None = None) -> AdapterConfig:
@@ -541,6 +600,8 @@ def load_adapter(model: nn.Module, adapter_dir, name: str = "default", trainable
             layer = layers[mod_name]
             target = layer.variant(name).tensors(layer, name)[suffix]
             target.copy_(f.read(key, target.dtype).to(target.device))
+        if (d / LOFTQ_BASE_FILE).is_file():
+            _load_loftq_base(model, name, d / LOFTQ_BASE_FILE)
     set_trainable(model, name, trainable)
     if activate or (activate is None and (was_first or not model.active_adapters)):
         set_active_adapter(model, [name])

@@ -205,3 +205,50 @@ def test_fused_4bit_bf16_lora_products_in_fp32():
     Al, Bl, xl = A.clone().requires_grad_(), B.clone().requires_grad_(), xb.clone().requires_grad_()
     lora_4bit(xl, q.weight, q.quant_state, q.bias, Al, Bl, 2.0).float().square().sum().backward()
     assert Al.grad.dtype == Bl.grad.dtype == torch.float32 and xl.grad.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# 3. a saved LoftQ adapter reproduces the trained model: the LoftQ base (4-bit, bitsandbytes
+#    layout) is saved alongside, and leantune's loader puts it back
+# ------------------------------------------------------------------------------------------
+def test_loftq_adapter_reloads_the_live_model(tmp_path):
+    from leantune.peft_core.adapters import LOFTQ_BASE_FILE, lora_layers
+    from leantune.quant.modules import Linear4bit, replace_linears
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    fp32 = tiny_model(seed=8).eval()
+    with torch.no_grad():
+        exact = fp32(IDS)
+    live = inject_adapter(tiny_model(seed=8), AdapterConfig(r=4, alpha=8, init="loftq", loftq_iters=2,
+                                                            targets=targets)).eval()
+    randomize(live, seed=4, scale=0.02)  # "trained"
+    qlora = tiny_model(seed=8).eval()
+    for mod_name, m in list(qlora.named_modules()):
+        if mod_name.rsplit(".", 1)[-1] in targets:
+            parent, child = mod_name.rsplit(".", 1)
+            setattr(qlora.get_submodule(parent), child, Linear4bit.from_linear(m))
+    inject_adapter(qlora, AdapterConfig(r=4, alpha=8, targets=targets))
+    with torch.no_grad():
+        want = live(IDS)
+    save_adapter(live, tmp_path)
+    assert (tmp_path / LOFTQ_BASE_FILE).is_file()
+    again = load_adapter(tiny_model(seed=8).eval(), tmp_path)
+    with torch.no_grad():
+        got = again(IDS)
+    assert rel(got, want) < 1e-5, rel(got, want)
+    # onto a 4-bit (QLoRA) base: each targeted layer is the live one (the others stay 4-bit)
+    again4 = dict(lora_layers(load_adapter(replace_linears(tiny_model(seed=8)).eval(), tmp_path)))
+    for mod_name, layer in lora_layers(live):
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert rel(again4[mod_name](x), layer(x)) < 1e-5, mod_name
+    # at init (before training), LoftQ's reloaded model is closer to the fp32 model than plain
+    # QLoRA's (the same layers in 4 bits, B = 0)
+    init = inject_adapter(tiny_model(seed=8), AdapterConfig(r=4, alpha=8, init="loftq", loftq_iters=2,
+                                                            targets=targets)).eval()
+    save_adapter(init, tmp_path / "init")
+    reloaded = load_adapter(tiny_model(seed=8).eval(), tmp_path / "init")
+    with torch.no_grad():
+        err_loftq, err_qlora = rel(reloaded(IDS), exact), rel(qlora(IDS), exact)
+    print(f"vs the fp32 model: LoftQ reloaded {err_loftq:.3g}, plain QLoRA {err_qlora:.3g}")
+    assert err_loftq < err_qlora
