@@ -97,11 +97,12 @@ class DoraVariant(LoraVariant):
         x2 = x.reshape(-1, n_in)  # (M, in)
         M, dropout = x2.shape[0], layer.lora_dropout[name]
         drop = layer.training and not isinstance(dropout, nn.Identity)
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        ldt = A.dtype  # the adapter path in the adapter's dtype (fp32 on a bf16 base), as PEFT
         xd2 = dropout(x2) if drop else x2
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
         wa = None
         if layer.is_4bit:
-            ext = layer.base_matmul(torch.cat([x2] + ([xd2] if drop else []) + [A.detach()]))
+            ext = layer.base_matmul(torch.cat([x2] + ([xd2] if drop else []) + [A.detach().to(x.dtype)]))
             wx, wa = ext[:M], ext[ext.shape[0] - A.shape[0]:].detach().float().t()  # W A^T  (out, r)
             wxd = ext[M:2 * M] if drop else wx
         else:
@@ -109,9 +110,10 @@ class DoraVariant(LoraVariant):
             wxd = layer.base_matmul(xd2) if drop else wx
         with torch.no_grad():
             norm = weight_norm(layer, name, wa)  # (out,) fp32, a constant
-        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)  # m / n   (out,)
+        scale = (layer.lora_magnitude_vector[name] / norm).to(ldt)  # m / n   (out,)
+        wx, wxd = wx.to(ldt), wxd.to(ldt)
         # h = W x_d + s * (x_d A^T) B^T
-        h = torch.addmm(wxd, F.linear(xd2, A), B.t(), alpha=spec.scaling)
+        h = torch.addmm(wxd, F.linear(xd2.to(ldt), A), B.t(), alpha=spec.scaling)
         bias = layer.base.bias
         if drop:
             y = wx + scale * h - wxd
@@ -119,22 +121,23 @@ class DoraVariant(LoraVariant):
         else:
             # y = b + (m/n) * h
             y = h * scale if bias is None else torch.addcmul(bias.to(h.dtype), h, scale)
-        return y.reshape(*lead, y.shape[-1])
+        return y.to(x.dtype).reshape(*lead, y.shape[-1])
 
     def delta(self, layer, name, x, result):
         """(m/n - 1) R + (m/n) s B A x_d with R = result - b (the output so far, PEFT's chaining),
         or R = W x_d with dropout in training (as PEFT)."""
         spec = layer.adapters[name]
         dropout = layer.lora_dropout[name]
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
         if isinstance(dropout, nn.Identity) or not layer.training:
             wx = result if layer.base.bias is None else result - layer.base.bias.to(result.dtype)
         else:
             x = dropout(x)
             wx = layer.base_matmul(x)  # W x_d, no bias
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
+        x, wx = x.to(A.dtype), wx.to(A.dtype)  # the adapter path in the adapter's dtype, as PEFT
         with torch.no_grad():
             norm = weight_norm(layer, name)
-        scale = (layer.lora_magnitude_vector[name] / norm).to(x.dtype)
+        scale = (layer.lora_magnitude_vector[name] / norm).to(A.dtype)
         return (scale - 1) * wx + scale * (F.linear(F.linear(x, A), B) * spec.scaling)
 
     def merge(self, layer, name, w, w0):
