@@ -27,8 +27,8 @@ class GatedVariant(LoraVariant):
         layer.rank_gate[name] = nn.Parameter(torch.ones(A.shape[0], device=A.device, dtype=A.dtype))
 
     def delta(self, layer, name, x, result):
-        A, B = layer.lora_A[name].weight.to(x.dtype), layer.lora_B[name].weight.to(x.dtype)
-        xa = F.linear(layer.lora_dropout[name](x), A) * layer.rank_gate[name].to(x.dtype)  # (..., r)
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight  # in the adapter's dtype, as LoRA
+        xa = F.linear(layer.lora_dropout[name](x.to(A.dtype)), A) * layer.rank_gate[name]  # (..., r)
         return F.linear(xa, B) * layer.adapters[name].scaling  # s B diag(g) A x_d
 
     def delta_weight(self, layer, name):
