@@ -339,11 +339,10 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
         if ranks.fsdp:  # reduce-scatter after the step's last backward only
             fsdp.set_grad_sync(run.model, j == len(mine) - 1)
         b = {k: v.to(device) for k, v in b.items()}
-        # (no autocast weight cache: the model is in the compute dtype already, and a
-        # CUDA graph capture refuses the cache)
-        with torch.autocast(device.type, dtype=run.dtype, enabled=run.dtype != torch.float32,
-                            cache_enabled=False):
-            loss_sum, _ = batch_loss_sum(run.model, b, cfg.train.loss_chunk, run.trunk)
+        # no autocast: the base is in the compute dtype already and each adapter casts its
+        # input to its own (float32) weights' dtype, as PEFT; autocast would run the adapter
+        # products in bf16 (and breaks the fused 4-bit Function's fp32 LoRA path)
+        loss_sum, _ = batch_loss_sum(run.model, b, cfg.train.loss_chunk, run.trunk)
         loss = loss_sum.float() / max(n_tok, 1)  # normalised by the whole accumulated batch
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         loss_total += loss.detach()
