@@ -258,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     from leantune.bench.e2e import add_bench_parser
+    from leantune.serve import add_serve_parser
 
     add_bench_parser(sub)
+    add_serve_parser(sub)
 
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
     s.add_argument("--out", default="runs/demo", help="the output folder")

@@ -594,13 +594,13 @@ def add_serve_parser(sub):
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter to serve as model NAME (repeatable)")
     s.add_argument("--adapter-root", help="POST /v1/adapters may load folders under this one only "
-                                          "(default: none, loading at run time is off)")
-    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"], help="the base in 4 bits (default: none)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    s.add_argument("--api-key-env", metavar="VAR", help="require `Authorization: Bearer $VAR` (default: no key)")
-    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
-    s.add_argument("--max-tokens", type=int, default=512, help="the cap on max_tokens (default: 512)")
+                                          "(unset: loading at run time is off)")
+    s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"], help="the base in 4 bits")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port")
+    s.add_argument("--api-key-env", metavar="VAR", help="require `Authorization: Bearer $VAR` (unset: no key)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    s.add_argument("--max-tokens", type=int, default=512, help="the cap on max_tokens")
     s.set_defaults(func=cmd_serve)
 
 
