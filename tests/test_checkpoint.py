@@ -89,7 +89,7 @@ def test_bf16_load_peak_memory(tmp_path):
     size = (tmp_path / "model.safetensors").stat().st_size
     script = textwrap.dedent(f"""
         import torch, resource
-        from peft_core.checkpoint import load_model
+        from leantune.peft_core.checkpoint import load_model
         def rss(field):
             for line in open('/proc/self/status'):
                 if line.startswith(field):

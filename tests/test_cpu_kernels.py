@@ -344,8 +344,8 @@ def test_other_builds_are_bit_exact(isa):
         pytest.skip("no AVX2 on this CPU")
     proc = _run_python(f"""
         import torch
-        from quant import cpu_kernels, functional as ref
-        from quant.state import QuantState
+        from leantune.quant import cpu_kernels, functional as ref
+        from leantune.quant.state import QuantState
         assert cpu_kernels.available() and cpu_kernels.build_info()["isa"] == "{isa}"
         for qt in ("nf4", "fp4"):
             code = ref.get_code(qt)
@@ -374,7 +374,7 @@ def test_other_builds_are_bit_exact(isa):
 def test_fallback_without_compiler(compiler, tmp_path):
     """No compiler (or a broken one): available() is False, with one line on stderr, once."""
     proc = _run_python("""
-        from quant import cpu_kernels
+        from leantune.quant import cpu_kernels
         print(cpu_kernels.available(), cpu_kernels.available())
     """, LEANTUNE_CC=compiler, LEANTUNE_CACHE=str(tmp_path))
     assert proc.returncode == 0, proc.stderr

@@ -333,8 +333,6 @@ def _short_rng(ckpt):
     save_file(sd, str(ckpt / "rng.safetensors"))
 
 
-@pytest.mark.xfail(reason="train/checkpointing.py restore_checkpoint copies tensors and sets the RNG "
-                          "state without checking shapes (not this suite's file to fix)", strict=False)
 @pytest.mark.parametrize("edit", [_wrong_shapes, _short_rng], ids=["wrong-shapes", "rng-7-bytes"])
 def test_old_format_checkpoint_with_bad_tensors_is_a_model_error(cli, old_run, tmp_path, edit):
     conf = _old_format_copy(old_run, tmp_path, edit)

@@ -228,15 +228,20 @@ def restore_checkpoint(ckpt: Path, params: dict, opt, ranks: Ranks) -> dict:
     if missing:
         raise UsageError(str(ckpt), f"checkpoint lacks trainable tensor {missing[0]!r} "
                                     "(was the adapter config changed?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(fsdp.local_like(p, saved[n]))
-    load_optimizer_tensors(opt, params, read_safetensors(ckpt / "optimizer.safetensors"))
-    rng = read_safetensors(ckpt / "rng.safetensors")
-    mine = f".rank{ranks.rank}" if f"torch_cpu.rank{ranks.rank}" in rng else ""
-    torch.set_rng_state(rng["torch_cpu" + mine])
-    if "torch_cuda" + mine in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda" + mine])
+    try:  # a checkpoint of another shape (or an old format with damaged tensors) is refused
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(fsdp.local_like(p, saved[n]))
+        load_optimizer_tensors(opt, params, read_safetensors(ckpt / "optimizer.safetensors"))
+        rng = read_safetensors(ckpt / "rng.safetensors")
+        mine = f".rank{ranks.rank}" if f"torch_cpu.rank{ranks.rank}" in rng else ""
+        if "torch_cpu" + mine not in rng:
+            raise ValueError("rng.safetensors lacks the CPU generator state")
+        torch.set_rng_state(rng["torch_cpu" + mine])
+        if "torch_cuda" + mine in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda" + mine])
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        raise ModelError(str(ckpt), f"checkpoint does not fit this run ({type(e).__name__}: {e})") from None
     return state
 
 
