@@ -10,9 +10,13 @@ import copy
 import dataclasses
 import difflib
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 from leantune.base import UsageError
 from leantune.peft_core.adapters import AdapterConfig
