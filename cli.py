@@ -52,36 +52,32 @@ def cmd_quantize(args):
     print(f"wrote {out}")
 
 
-def cmd_generate(args):
-    import torch
-
-    from leantune.peft_core.checkpoint import load_model
-    from leantune.peft_core.generate import generate
-    from leantune.peft_core.tokenizer import StreamDecoder, Tokenizer
-
-    if (args.prompt is None) == (args.chat is None):
-        raise UsageError("generate", "give exactly one of --prompt TEXT or --chat TEXT")
+def _check_generate_args(args):
+    given = [flag for flag, v in (("--prompt", args.prompt), ("--chat", args.chat),
+                                  ("--interactive", args.interactive or None)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("generate", "give exactly one of --prompt TEXT, --chat TEXT or --interactive")
+    if args.system is not None and args.prompt is not None:
+        raise UsageError("--system", "goes with --chat or --interactive (--prompt is plain text)")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens", "must be at least 1")
     if not (0.0 < args.top_p <= 1.0) or args.temperature < 0:
         raise UsageError("--top-p/--temperature", "top-p must be in (0, 1], temperature >= 0")
-    tok = Tokenizer.from_dir(args.model_dir)
-    torch.manual_seed(args.seed)
-    model = load_model(args.model_dir, dtype=torch.float32,
-                       quant=None if args.quant == "none" else args.quant)
-    if args.adapter:
-        from leantune.peft_core.adapters import load_adapter
 
-        load_adapter(model, args.adapter)
-    if args.chat is not None:
-        text = tok.apply_chat_template([{"role": "user", "content": args.chat}],
-                                       add_generation_prompt=True)
-        ids = tok.encode(text)
-    else:
-        ids = tok.encode(args.prompt, add_special_tokens=True)
+
+def _chat_ids(tok, messages, where) -> list[int]:
+    """The token ids of ``messages`` rendered with the chat template, ready for the reply."""
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
     if not ids:
-        raise UsageError("--chat" if args.chat is not None else "--prompt",
-                         "the prompt is empty after tokenization (and the chat template)")
+        raise UsageError(where, "the prompt is empty after tokenization (and the chat template)")
+    return ids
+
+
+def _reply(args, tok, model, ids) -> str:
+    """Generate after ``ids``; streams the text to a terminal, prints it otherwise; returns it."""
+    from leantune.peft_core.generate import generate
+    from leantune.peft_core.tokenizer import StreamDecoder
+
     stream = _is_tty(sys.stdout)
     decoder = StreamDecoder(tok, skip_special_tokens=True)
 
@@ -93,10 +89,59 @@ def cmd_generate(args):
     new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, eos_token_ids=tok.eos_token_ids,
                    pad_token_id=tok.pad_token_id, on_tokens=on_tokens)[0]
+    text = tok.decode([t for t in new if t not in tok.eos_token_ids], skip_special_tokens=True)
     if stream:
         sys.stdout.write(decoder.flush() + "\n")
+        sys.stdout.flush()
     else:
-        print(tok.decode([t for t in new if t not in tok.eos_token_ids], skip_special_tokens=True))
+        print(text, flush=True)
+    return text
+
+
+def _chat_loop(args, tok, model, lines):
+    """Multi-turn chat: each line of ``lines`` is a user turn (blank lines skipped) until
+    ``/exit`` or the end; every reply is printed and kept in the conversation."""
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    prompt = _is_tty(lines)
+    while True:
+        if prompt:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = lines.readline()
+        text = line.rstrip("\r\n")
+        if not line or text.strip() == "/exit":
+            return
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _reply(args, tok, model, _chat_ids(tok, messages, "--interactive"))
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_generate(args):
+    import torch
+
+    from leantune.peft_core.checkpoint import load_model
+    from leantune.peft_core.tokenizer import Tokenizer
+
+    _check_generate_args(args)
+    tok = Tokenizer.from_dir(args.model_dir)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model_dir, dtype=torch.float32,
+                       quant=None if args.quant == "none" else args.quant)
+    if args.adapter:
+        from leantune.peft_core.adapters import load_adapter
+
+        load_adapter(model, args.adapter)
+    if args.interactive:
+        _chat_loop(args, tok, model, sys.stdin)
+    elif args.chat is not None:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        _reply(args, tok, model, _chat_ids(tok, system + [{"role": "user", "content": args.chat}], "--chat"))
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+        if not ids:
+            raise UsageError("--prompt", "the prompt is empty after tokenization")
+        _reply(args, tok, model, ids)
 
 
 def cmd_train(args):
@@ -214,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"], help="quantize the base on load")
     s.add_argument("--prompt", help="plain text to continue")
     s.add_argument("--chat", help="a user message, wrapped in the chat template")
+    s.add_argument("--system", help="a system prompt for --chat or --interactive (through the chat template)")
+    s.add_argument("--interactive", action="store_true",
+                   help="multi-turn chat: one user turn per line of stdin, until /exit or EOF")
     s.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
