@@ -214,6 +214,14 @@ def cmd_export_gguf(args):
     print(f"wrote {out}")
 
 
+def cmd_config(args):
+    from leantune.train.config import config_toml
+
+    print(f"# leantune config: every key at its default (leantune config --kind {args.kind});\n"
+          "# unknown keys are errors, relative paths are relative to this file's folder\n")
+    print(config_toml(args.kind), end="")
+
+
 def cmd_demo(args):
     from leantune.demo import run_demo
 
@@ -310,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_serve_parser(sub)
+
+    s = sub.add_parser("config", help="print the full default config as commented TOML")
+    s.add_argument("--kind", default="sft", choices=["sft", "dpo", "grpo"],
+                   help="the train.objective, with its own keys")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
     s.add_argument("--out", default="runs/demo", help="the output folder")

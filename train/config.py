@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +23,45 @@ from leantune.base import UsageError
 from leantune.peft_core.adapters import AdapterConfig
 
 
+def key(default, doc: str, objective: str | tuple = ()):
+    """A config key: its default and the comment ``leantune config`` prints beside it (the one
+    place a key is documented: the README's config block is generated from these). A list or
+    table default is copied for every config. ``objective``: the ``train.objective`` value(s)
+    the key belongs to; such a key is printed only for them (``leantune config --kind K``)."""
+    meta = {"doc": doc, "objective": (objective,) if isinstance(objective, str) else tuple(objective)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelSection:
-    path: str = ""  # a Hugging Face model folder; "" -> the embedded SmolLM2 (imported once)
-    quant: str = "nf4"  # "nf4" | "fp4" | "none"
-    compute_dtype: str = "auto"  # "auto" (bf16 on GPU and bf16-capable CPUs, else fp32) | float32 | bfloat16 | float16
-    blocksize: int = 64
-    double_quant: bool = True
+    path: str = key("", 'a Hugging Face folder, or "org/name" from the local Hugging Face cache;\n'
+                        '"" = the embedded SmolLM2 (imported once)')
+    quant: str = key("nf4", '"nf4" | "fp4" | "none"')
+    compute_dtype: str = key("auto", '"auto" | "float32" | "bfloat16" | "float16"; auto: bf16 on GPU and on CPUs\n'
+                                     'with native bf16, else fp32 (LEANTUNE_CPU_BF16=0 keeps fp32).\n'
+                                     'Adapters, optimizer and loss stay fp32')
+    blocksize: int = key(64, "weights per 4-bit absmax block")
+    double_quant: bool = key(True, "quantize the absmax values too (QLoRA's double quantization)")
 
+
+# the [adapter] keys' comments (its fields are AdapterConfig's, in peft_core)
+ADAPTER_DOCS = {
+    "kind": '"lora" | "dora" | "lora_fa" | any registered variant | "none" (full fine-tune)',
+    "r": "the adapter rank",
+    "alpha": "scale alpha / r (alpha / sqrt(r) with rslora)",
+    "dropout": "dropout on the adapter's input, in [0, 1)",
+    "targets": '"all-linear", a list of module-name suffixes, or a regex string (PEFT semantics)',
+    "init": '"default" | "gaussian" | "pissa" | "olora" | "loftq" | "none"',
+    "rslora": "scale by alpha / sqrt(r)",
+    "rank_pattern": "per-module rank overrides, PEFT semantics",
+    "alpha_pattern": "per-module alpha overrides, PEFT semantics",
+    "layers": "only these layer indices (an integer or a list; list targets only)",
+    "exclude": "module names (a list or a regex) to leave without an adapter",
+    "base_quant": 'after a base-rewriting init, quantize the bases: {quant = "nf4", ...}',
+    "loftq_iters": "LoftQ's alternating quantize / SVD steps",
+}
 
 def _adapter_section():
     """The ``[adapter]`` section: the fields of ``peft_core.adapters.AdapterConfig`` with their
@@ -37,10 +69,11 @@ def _adapter_section():
     Unlike ``AdapterConfig`` it also takes ``kind = "none"``: a full fine-tune (no adapter)."""
     specs = []
     for f in dataclasses.fields(AdapterConfig):
+        meta = {"doc": ADAPTER_DOCS.get(f.name, ""), "objective": ()}
         if f.default_factory is not dataclasses.MISSING:
-            spec = field(default_factory=f.default_factory)
+            spec = field(default_factory=f.default_factory, metadata=meta)
         else:
-            spec = field(default=f.default)
+            spec = field(default=f.default, metadata=meta)
         specs.append((f.name, f.type, spec))
     return dataclasses.make_dataclass("AdapterSection", specs, namespace={"__doc__": _adapter_section.__doc__})
 
@@ -59,52 +92,56 @@ def adapter_config(section) -> AdapterConfig | None:
 
 @dataclass
 class DataSection:
-    train: str = ""
-    eval: str = ""
-    max_len: int = 1024
-    format: str = "auto"  # "auto" | "text" | "prompt_completion" | "messages"
-    pack: bool = True
-    mask_prompt: bool = True
-    mask_mode: str = "all_assistant"  # or "last_assistant"
+    train: str = key("", "the training JSONL file (required)")
+    eval: str = key("", 'a held-out JSONL file for train.eval_every; "" = none')
+    max_len: int = key(1024, "tokens a row at most (longer examples are cut)")
+    format: str = key("auto", '"auto" | "text" | "prompt_completion" | "messages"')
+    pack: bool = key(True, "best-fit packing; attention never crosses documents")
+    mask_prompt: bool = key(True, "loss on completions / assistant turns only")
+    mask_mode: str = key("all_assistant", '"all_assistant" | "last_assistant"')
 
 
 @dataclass
 class TrainSection:
-    out: str = "runs/leantune"
-    seed: int = 0
-    lr: float = 2e-4
-    max_steps: int = 0  # 0 -> epochs decide
-    epochs: int = 1
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # "constant" | "linear" | "cosine"
-    weight_decay: float = 0.0
-    clip: float = 1.0  # 0 disables clipping
-    grad_checkpoint: bool = False
-    fsdp: bool = False  # under torchrun: shard the base and adapters over the processes (FSDP2)
-    cuda_graphs: bool = False  # replay the decoder trunk's forward/backward as CUDA graphs (GPU)
-    save_every: int = 0
-    eval_every: int = 0
-    log_every: int = 1
-    optimizer: str = "adamw"  # "adamw" | "adamw8bit"
-    loss_chunk: int = 256  # tokens per chunk of the chunked cross-entropy
-    max_nan_steps: int = 5  # consecutive non-finite steps before aborting (with a checkpoint)
-    keep_checkpoints: int = 0  # keep the N newest complete checkpoints; 0 keeps all
+    out: str = key("runs/leantune", "the output folder")
+    objective: str = key("sft", '"sft" | "dpo" | "grpo"; `leantune config --kind K` shows its keys')
+    seed: int = key(0, "data order, dropout and init")
+    lr: float = key(2e-4, "peak learning rate")
+    max_steps: int = key(0, "optimizer steps; 0 = run `epochs` epochs")
+    epochs: int = key(1, "passes over the data when max_steps = 0")
+    batch_size: int = key(4, "rows a micro-batch (the global batch is batch_size x grad_accum)")
+    grad_accum: int = key(1, "micro-batches an optimizer step")
+    warmup_steps: int = key(0, "linear warmup steps")
+    schedule: str = key("cosine", '"constant" | "linear" | "cosine"')
+    weight_decay: float = key(0.0, "AdamW decay, on matrices only")
+    clip: float = key(1.0, "gradient-norm clipping; 0 = off")
+    grad_checkpoint: bool = key(False, "recompute each block in the backward (less memory)")
+    fsdp: bool = key(False, "under torchrun: shard the 4-bit base and the adapters (FSDP2);\n"
+                            'one process: no effect. Not with optimizer = "adamw8bit"')
+    cuda_graphs: bool = key(False, "GPU: replay the decoder trunk's forward and backward as CUDA\n"
+                                   "graphs. Not with fsdp or grad_checkpoint")
+    save_every: int = key(0, "a checkpoint every N steps; 0 = only at the end")
+    eval_every: int = key(0, "eval loss on data.eval every N steps; 0 = never")
+    log_every: int = key(1, "a metrics row every N steps (off a terminal also a progress line,\n"
+                            "at most every 30 s)")
+    optimizer: str = key("adamw", '"adamw" | "adamw8bit" (8-bit blockwise states)')
+    loss_chunk: int = key(256, "tokens per chunk of the chunked cross-entropy")
+    max_nan_steps: int = key(5, "consecutive non-finite steps before stopping (with a checkpoint)")
+    keep_checkpoints: int = key(0, "keep the newest N complete checkpoints; 0 = all")
 
 
 @dataclass
 class EvalSection:
-    data: str = ""
-    metrics: list = field(default_factory=lambda: ["loss", "exact", "json"])
-    baselines: list = field(default_factory=lambda: ["base", "prompted"])
-    shots: int = 3
-    max_new_tokens: int = 128
-    require_lift: float = 0.0
-    batch_size: int = 8
-    max_items: int = 0  # 0 -> all
-    general_text: str = ""  # "" -> the bundled general-text set for the regression check
-    kl_threshold: float = 0.5
+    data: str = key("", "held-out JSONL; its completion / last assistant turn is the reference")
+    metrics: list = key(["loss", "exact", "json"], 'also "contains", "regex", "choice", "classification"')
+    baselines: list = key(["base", "prompted"], "prompted: the base with `shots` examples from the train set")
+    shots: int = key(3, "few-shot examples of the prompted baseline")
+    max_new_tokens: int = key(128, "tokens generated an item at most")
+    require_lift: float = key(0.0, "exit 5 when tuned - best baseline < this on the primary metric")
+    batch_size: int = key(8, "items generated together")
+    max_items: int = key(0, "evaluate the first N items; 0 = all")
+    general_text: str = key("", '"" = the bundled general-text sample for the KL / perplexity check')
+    kl_threshold: float = key(0.5, "flag a mean KL(base || tuned) on general text above this")
 
 
 @dataclass
@@ -129,6 +166,7 @@ CHOICES = {
     ("data", "mask_mode"): ("all_assistant", "last_assistant"),
     ("train", "schedule"): ("constant", "linear", "cosine"),
     ("train", "optimizer"): ("adamw", "adamw8bit"),
+    ("train", "objective"): ("sft", "dpo", "grpo"),
 }
 POSITIVE = {("adapter", "r"), ("adapter", "alpha"), ("train", "lr"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
             ("train", "epochs"), ("model", "blocksize"), ("train", "loss_chunk"),
@@ -297,3 +335,87 @@ def load_config(path, overrides=()) -> Config:
         if value and not Path(value).is_absolute():
             setattr(section, key, str(base / value))
     return cfg
+
+
+# -- the default config as commented TOML (``leantune config``, the README's block) ----------
+COMMENT_COLUMN = 24
+README_BEGIN, README_END = "<!-- config:begin -->", "<!-- config:end -->"
+
+
+def toml_value(value) -> str:
+    """A default as a TOML value (strings as basic strings, tables inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _key_lines(f, value, label: str) -> list[str]:
+    """``name = default   # comment`` (a None default, which TOML cannot hold, commented out);
+    a comment of several lines continues under the first."""
+    text = f"# {f.name} = (unset)" if value is None else f"{f.name} = {toml_value(value)}"
+    doc = (label + f.metadata.get("doc", "")).split("\n")
+    if not doc[0]:
+        return [text]
+    lines = [f"{text:<{COMMENT_COLUMN - 2}}  # {doc[0]}"]
+    return lines + [f"{'':<{COMMENT_COLUMN - 2}}  # {d}" for d in doc[1:]]
+
+
+def config_toml(kind: str | None = "sft") -> str:
+    """Every key of the config at its default, one a line with its comment, as TOML that
+    ``load_config`` reads back to the defaults. ``kind``: the ``train.objective`` shown, with
+    that objective's own keys; None shows every key, each objective's marked (the README)."""
+    cfg = Config()
+    if kind is not None:
+        cfg.train.objective = kind
+    out = []
+    for sec in dataclasses.fields(Config):
+        if sec.name == "source" or not _for_kind(sec, kind):
+            continue
+        out += ["", f"[{sec.name}]"]
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            if _for_kind(f, kind):
+                only = f.metadata.get("objective", ())
+                label = f"({' | '.join(only)} only) " if only and kind is None else ""
+                out += _key_lines(f, getattr(section, f.name), label)
+    return "\n".join(out[1:]) + "\n"
+
+
+def _for_kind(f, kind) -> bool:
+    only = f.metadata.get("objective", ())
+    return kind is None or not only or kind in only
+
+
+def readme_block() -> str:
+    """What stands between README_BEGIN and README_END in README.md."""
+    return f"{README_BEGIN}\n```toml\n{config_toml(None)}```\n{README_END}"
+
+
+def update_readme(path) -> bool:
+    """Rewrite README.md's config block from the defaults; True when it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise UsageError(str(path), f"has no {README_BEGIN} ... {README_END} block")
+    new = text[:start] + readme_block() + text[end + len(README_END):]
+    path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":  # python -m leantune.train.config --readme [README.md]
+    import sys
+
+    if sys.argv[1:2] != ["--readme"]:
+        sys.exit("usage: python -m leantune.train.config --readme [README.md]")
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parents[1] / "README.md"
+    print(f"{target}: {'updated' if update_readme(target) else 'already up to date'}")
