@@ -12,6 +12,7 @@ loss reduction stay float32 (``LoraLinear``'s ``param_dtype``, the chunked cross
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,12 +43,48 @@ def compute_dtype_for(name: str, device) -> torch.dtype:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """``model.path``; "" -> the embedded default model (imported once)."""
-    if path:
-        return Path(path)
-    from leantune.peft_core.embedded import default_model_dir
+    """``model.path``: a folder; "" -> the embedded default model (imported once); ``org/name``
+    that is no folder -> its snapshot in the local Hugging Face cache (never downloaded)."""
+    if not path:
+        from leantune.peft_core.embedded import default_model_dir
 
-    return default_model_dir()
+        return default_model_dir()
+    if Path(path).is_dir() or not HUB_ID.fullmatch(str(path)):
+        return Path(path)
+    return hub_cache_snapshot(str(path))
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_cache_dir() -> Path:
+    """``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def hub_cache_snapshot(repo_id: str) -> Path:
+    """The cached snapshot of ``repo_id`` (layout ``models--org--name/snapshots/<rev>/``): the
+    revision ``refs/main`` names, else the newest snapshot. ModelError when there is none."""
+    from leantune.base import ModelError
+
+    repo = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        main = snapshots / ref.read_text(encoding="utf-8").strip()
+        if main.is_dir():
+            return main
+    found = sorted((d for d in snapshots.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime)
+    if found:
+        return found[-1]
+    raise ModelError(repo_id, f"no such folder, and not in the local Hugging Face cache (looked in "
+                              f"{snapshots}; the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else "
+                              "~/.cache/huggingface/hub); leantune never downloads: fetch it first "
+                              "or give a folder")
 
 
 def load_base(model_dir: Path, *, quant: str, blocksize: int, double_quant: bool, dtype, device):

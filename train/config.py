@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
 
 from leantune.base import UsageError
 from leantune.peft_core.adapters import AdapterConfig
+from leantune.peft_core.build import HUB_ID
 
 
 def key(default, doc: str, objective: str | tuple = ()):
@@ -299,6 +300,12 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
+def _hub_id(sec: str, key: str, value: str, base: Path) -> bool:
+    """A ``model.path`` like ``org/name`` that is no folder beside the config: a Hugging Face
+    repo id, looked up in the local cache (``peft_core.build.resolve_model_dir``)."""
+    return (sec, key) == ("model", "path") and bool(HUB_ID.fullmatch(value)) and not (base / value).is_dir()
+
+
 def load_config(path, overrides=()) -> Config:
     path = Path(path)
     try:
@@ -332,7 +339,7 @@ def load_config(path, overrides=()) -> Config:
                      ("model", "path"), ("eval", "general_text")):
         section = getattr(cfg, sec)
         value = getattr(section, key)
-        if value and not Path(value).is_absolute():
+        if value and not Path(value).is_absolute() and not _hub_id(sec, key, value, base):
             setattr(section, key, str(base / value))
     return cfg
 
