@@ -13,6 +13,10 @@
             IPv4/IPv6 addresses and SSN-like ids in every string of every record, replaced by
             [EMAIL] [PHONE] [CARD] [IBAN] [IP] [SSN]; counts per kind; OUT written atomically.
 
+With --skip-invalid, every action skips malformed lines instead of refusing the file:
+they are counted in the summary and written to a rejects file (--rejects, default
+FILE's name + .rejects.jsonl beside the output) as {"line", "error", "raw"} objects.
+
 ``add_data_parser(subparsers)`` adds the ``data`` sub-command to the CLI; ``cmd_data(args)``
 runs it. The pieces (``check_file``, ``file_stats``, ``dedup_file``, ``redact_text``, ...)
 are plain functions usable without the CLI.
@@ -136,13 +140,53 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _raw_lines(path):
+def _raw_lines(path, on_invalid=None):
     """``(line_no, raw bytes)`` of the non-blank lines (a regular file only, lines bounded
-    as the training reader bounds them)."""
+    as the training reader bounds them; a longer one goes to ``on_invalid`` if given)."""
     with _open(path, str(path)) as f:
-        for line_no, raw in _lines(f, str(path)):
+        for line_no, raw in _lines(f, str(path), on_invalid):
             if raw.strip():
                 yield line_no, raw
+
+
+class Rejects:
+    """The lines skipped under ``--skip-invalid``: called as ``on_invalid(line_no, raw,
+    error)``, each kept as ``{"line": N, "error": "...", "raw": "..."}`` (raw as text, bad
+    UTF-8 replaced, cut after MAX_RAW characters) and written as JSONL by ``write``."""
+
+    MAX_RAW = 10_000
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def __call__(self, line_no: int, raw: bytes, error: DataError):
+        text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if len(text) > self.MAX_RAW:
+            text = text[:self.MAX_RAW] + "..."
+        self.items.append({"line": line_no, "error": error.what, "raw": text})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def write(self, path) -> Path:
+        return atomic_write(path, ((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8")
+                                   for r in self.items))
+
+
+def _counted(on_invalid, stats: dict):
+    """``on_invalid`` that also counts each line it is given in ``stats["skipped"]`` (None
+    stays None: bad lines raise)."""
+    if on_invalid is None:
+        return None
+
+    def skip(line_no, raw, error):
+        stats["skipped"] += 1
+        on_invalid(line_no, raw, error)
+    return skip
+
+
+def _ignore(line_no, raw, error):
+    """on_invalid for a second pass over a file whose bad lines were recorded by the first."""
 
 
 def _load_tokenizer(model_dir):
@@ -163,9 +207,11 @@ class CheckReport:
     tokens: list = field(default_factory=list)
     duplicates: int = 0
     truncated: int = 0
+    skipped: int = 0  # invalid lines skipped (--skip-invalid)
 
     def lines(self) -> list[str]:
-        out = [f"checked {self.path}: {self.records:,} records ({self.format}), {len(self.problems)} problem(s)"]
+        out = [f"checked {self.path}: {self.records:,} records ({self.format}), {len(self.problems)} problem(s)"
+               + (f", {self.skipped:,} invalid line(s) skipped" if self.skipped else "")]
         out += self.problems
         kinds: dict[str, list] = {}
         for kind, text in self.warnings:
@@ -189,61 +235,79 @@ class CheckReport:
         return out
 
 
+def _checked_tokens(record, fmt, tok, max_len, mask_prompt, mask_mode, where) -> int:
+    """The record's length in tokens; DataError when training would drop it (no supervised
+    token at all, or none within ``max_len``)."""
+    reasons: list[str] = []
+    ex = encode_record(record, tok, fmt, sys.maxsize, mask_prompt, mask_mode, where=where,
+                       on_drop=reasons.append)
+    if ex is None:
+        raise DataError(where, f"no supervised tokens ({reasons[0]}); it would be dropped")
+    if max_len is not None and len(ex) > max_len and all(v == IGNORE for v in ex.labels[:max_len]):
+        raise DataError(where, f"{len(ex):,} tokens and no supervised token within "
+                               f"max_len={max_len}; it would be dropped")
+    return len(ex)
+
+
 def check_file(path, tok=None, max_len: int | None = None, fmt: str = "auto",
-               mask_prompt: bool = True, mask_mode: str = "all_assistant") -> CheckReport:
+               mask_prompt: bool = True, mask_mode: str = "all_assistant",
+               on_invalid=None) -> CheckReport:
     """Every problem of a data file (not only the first): malformed lines, schema, role order,
     empty fields, a format that changes within the file, and, with a tokenizer, records that
     would be dropped (no supervised token within ``max_len``). Truncation and duplicates are
-    warnings."""
+    warnings. With ``on_invalid``, a bad line is handed to ``on_invalid(line_no, raw, error)``
+    and counted in ``skipped`` instead of listed as a problem."""
     name = str(path)
     rep = CheckReport(name)
     file_fmt, first_line = (None if fmt == "auto" else fmt), 0
     seen: dict[str, int] = {}
-    for line_no, raw in _raw_lines(path):
+    count = {"skipped": 0}
+    skip = _counted(on_invalid, count)
+    for line_no, raw in _raw_lines(path, skip):
         where = f"{name}:{line_no}"
         try:
             record = parse_line(raw, where)
             rec_fmt = check_record(record, fmt, where)
             file_fmt, first_line = file_format(file_fmt, first_line, rec_fmt, line_no, where)
-            rep.records += 1
-            rep.chars.append(record_chars(record, rec_fmt))
-            key = _digest(record_text(record))
-            if key in seen:
-                rep.duplicates += 1
-                rep.warnings.append(("exact duplicates", f"{where}: duplicate of line {seen[key]}"))
-            else:
-                seen[key] = line_no
-            if tok is not None:
-                reasons: list[str] = []
-                ex = encode_record(record, tok, rec_fmt, sys.maxsize, mask_prompt, mask_mode,
-                                   where=where, on_drop=reasons.append)
-                if ex is None:
-                    raise DataError(where, f"no supervised tokens ({reasons[0]}); it would be dropped")
-                rep.tokens.append(len(ex))
-                if max_len is not None and len(ex) > max_len:
-                    if all(v == IGNORE for v in ex.labels[:max_len]):
-                        raise DataError(where, f"{len(ex):,} tokens and no supervised token within "
-                                               f"max_len={max_len}; it would be dropped")
-                    rep.truncated += 1
-                    rep.warnings.append(("records longer than max_len (truncated)",
-                                         f"{where}: {len(ex):,} tokens > max_len={max_len}"))
+            n_tokens = None if tok is None else _checked_tokens(record, rec_fmt, tok, max_len,
+                                                                mask_prompt, mask_mode, where)
         except DataError as e:
-            rep.problems.append(str(e))
-    rep.format = file_fmt or "?"
+            if skip is None:
+                rep.problems.append(str(e))
+            else:
+                skip(line_no, raw, e)
+            continue
+        rep.records += 1
+        rep.chars.append(record_chars(record, rec_fmt))
+        key = _digest(record_text(record))
+        if key in seen:
+            rep.duplicates += 1
+            rep.warnings.append(("exact duplicates", f"{where}: duplicate of line {seen[key]}"))
+        else:
+            seen[key] = line_no
+        if n_tokens is not None:
+            rep.tokens.append(n_tokens)
+            if max_len is not None and n_tokens > max_len:
+                rep.truncated += 1
+                rep.warnings.append(("records longer than max_len (truncated)",
+                                     f"{where}: {n_tokens:,} tokens > max_len={max_len}"))
+    rep.format, rep.skipped = file_fmt or "?", count["skipped"]
     if rep.records == 0 and not rep.problems:
         rep.problems.append(f"{name}: no records (the file is empty)")
     return rep
 
 
 # -- stats ---------------------------------------------------------------------------------
-def file_stats(path, tok=None, fmt: str = "auto") -> dict:
+def file_stats(path, tok=None, fmt: str = "auto", on_invalid=None) -> dict:
     """Counts, format, length percentiles, role counts and the duplicate rate of a valid file
-    (the first malformed record raises DataError; ``data check`` lists them all)."""
-    out: dict = {"path": str(path), "records": 0, "format": None}
+    (the first malformed record raises DataError; ``data check`` lists them all; with
+    ``on_invalid`` bad lines are handed to it and counted in ``skipped``)."""
+    out: dict = {"path": str(path), "records": 0, "format": None, "skipped": 0}
     chars, tokens, turns, prompt_chars, completion_chars = [], [], [], [], []
     roles: dict[str, int] = {}
     seen, dups = set(), 0
-    for _, record, rec_fmt in read_jsonl(path, fmt, with_format=True):
+    for _, record, rec_fmt in read_jsonl(path, fmt, with_format=True,
+                                                 on_invalid=_counted(on_invalid, out)):
         out["records"] += 1
         out["format"] = rec_fmt
         chars.append(record_chars(record, rec_fmt))
@@ -288,6 +352,8 @@ def stats_lines(st: dict) -> list[str]:
         lines.append("roles: " + ", ".join(f"{r} {n:,}" for r, n in sorted(st["roles"].items())))
     lines.append(f"duplicates (exact, normalised): {st['duplicates']:,} "
                  f"({100.0 * st['duplicate_rate']:.1f}%)")
+    if st.get("skipped"):
+        lines.append(f"invalid lines skipped: {st['skipped']:,}")
     return lines
 
 
@@ -379,9 +445,10 @@ def dedup_records(texts, threshold: float = 0.8, num_perm: int = 128, ngram: int
 
 
 def dedup_file(path, out, threshold: float = 0.8, report=None, num_perm: int = 128,
-               ngram: int = 5, seed: int = 0) -> dict:
+               ngram: int = 5, seed: int = 0, on_invalid=None) -> dict:
     """Drop exact and near duplicates from a JSONL file, keeping first occurrences; writes
-    ``out`` (the kept lines byte for byte) and, if asked, a JSON ``report``. Returns it."""
+    ``out`` (the kept lines byte for byte) and, if asked, a JSON ``report``. Returns it.
+    With ``on_invalid``, bad lines are handed to it and left out of ``out``."""
     if not 0.0 < threshold <= 1.0:
         raise UsageError("--threshold", f"must be in (0, 1], got {threshold}")
     if num_perm < 1 or ngram < 1:
@@ -392,13 +459,17 @@ def dedup_file(path, out, threshold: float = 0.8, report=None, num_perm: int = 1
             raise UsageError(flag, f"{target} is the input file; write the {flag[2:]} elsewhere")
     if report and out and _same_file(report, out):
         raise UsageError("--report", "is the same file as --out")
-    records = ((line_no, record_text(rec)) for line_no, rec in read_jsonl(path))
+    count = {"skipped": 0}
+    records = ((line_no, record_text(rec)) for line_no, rec
+               in read_jsonl(path, on_invalid=_counted(on_invalid, count)))
     kept, dropped = dedup_records(records, threshold, num_perm, ngram, seed)
     keep = set(kept)
+    lines = _raw_lines(path, None if on_invalid is None else _ignore)
     atomic_write(out, (raw if raw.endswith(b"\n") else raw + b"\n"
-                       for line_no, raw in _raw_lines(path) if line_no in keep))
+                       for line_no, raw in lines if line_no in keep))
     bands, rows = lsh_params(threshold, num_perm)
     result = {"input": str(path), "output": str(out), "records": len(kept) + len(dropped),
+              "skipped": count["skipped"],
               "kept": len(kept), "dropped_exact": sum(d["kind"] == "exact" for d in dropped),
               "dropped_near": sum(d["kind"] == "near" for d in dropped), "threshold": threshold,
               "num_perm": num_perm, "ngram": ngram, "bands": bands, "rows": rows, "seed": seed,
@@ -524,16 +595,24 @@ def redact_value(value, kinds, counts: dict):
     return value
 
 
-def redact_file(path, out, kinds=KINDS) -> dict:
+def redact_file(path, out, kinds=KINDS, on_invalid=None) -> dict:
     """Redact every string field of every record; unchanged lines are copied byte for byte.
-    Returns ``{"records", "changed", "counts": {kind: n}}``."""
+    Returns ``{"records", "changed", "skipped", "counts": {kind: n}}``. A line that is not a
+    JSON object is a DataError, or with ``on_invalid`` is handed to it and left out."""
     counts = {k: 0 for k in kinds}
-    stats = {"records": 0, "changed": 0}
+    stats = {"records": 0, "changed": 0, "skipped": 0}
     name = str(path)
+    skip = _counted(on_invalid, stats)
 
     def lines():
-        for line_no, raw in _raw_lines(path):
-            record = parse_line(raw, f"{name}:{line_no}")
+        for line_no, raw in _raw_lines(path, skip):
+            try:
+                record = parse_line(raw, f"{name}:{line_no}")
+            except DataError as e:
+                if skip is None:
+                    raise
+                skip(line_no, raw, e)
+                continue
             stats["records"] += 1
             before = sum(counts.values())
             new = redact_value(record, kinds, counts)
@@ -580,49 +659,97 @@ def add_data_parser(subparsers):
     r.add_argument("--out", required=True)
     r.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {','.join(KINDS)}")
 
+    for action in (c, s, d, r):
+        action.add_argument("--skip-invalid", action="store_true",
+                            help="skip malformed lines (counted, and written to the rejects file) "
+                                 "instead of refusing the file")
+        action.add_argument("--rejects", metavar="PATH",
+                            help="where --skip-invalid writes the skipped lines as JSONL "
+                                 "(default: FILE's name + .rejects.jsonl, beside --out if given, else beside FILE)")
     p.set_defaults(func=cmd_data)
     return p
 
 
-def cmd_data(args, out=None):
-    out = out or sys.stdout
+def rejects_path(args) -> Path | None:
+    """Where ``--skip-invalid`` writes the skipped lines (None without it); never one of the
+    files the action reads or writes."""
+    if not args.skip_invalid:
+        if args.rejects:
+            raise UsageError("--rejects", "goes with --skip-invalid")
+        return None
+    src = Path(args.file)
+    beside = Path(getattr(args, "out", None) or src).parent
+    path = Path(args.rejects) if args.rejects else beside / f"{src.stem}.rejects.jsonl"
+    for flag in ("file", "out", "report"):
+        other = getattr(args, flag, None)
+        if other and _same_file(path, other):
+            raise UsageError("--rejects", f"{path} is the {'input' if flag == 'file' else '--' + flag} "
+                                          "file; write the rejects elsewhere")
+    return path
 
-    def say(line=""):
-        print(line, file=out)
 
-    action = getattr(args, "data_command", None)
-    if action is None:
-        raise UsageError("data", "give an action: check, stats, dedup or redact")
-    if action == "check":
-        if args.max_len is not None and args.max_len < 2:
-            raise UsageError("--max-len", "must be at least 2")
-        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-        rep = check_file(args.file, tok, args.max_len, args.format)
-        for line in rep.lines():
-            say(line)
-        if rep.problems:
-            raise DataError(args.file, f"{len(rep.problems)} problem(s) found (listed above)")
-    elif action == "stats":
-        tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
-        st = file_stats(args.file, tok, args.format)
-        if args.json:
-            say(json.dumps(st, indent=2))
-        else:
-            for line in stats_lines(st):
-                say(line)
-    elif action == "dedup":
-        res = dedup_file(args.file, args.out, args.threshold, args.report, args.num_perm,
-                         args.ngram, args.seed)
-        say(f"kept {res['kept']:,} of {res['records']:,} records; dropped {res['dropped_exact']:,} "
-            f"exact and {res['dropped_near']:,} near duplicates (threshold {res['threshold']}, "
-            f"{res['bands']} bands x {res['rows']} rows)")
-        say(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
-    elif action == "redact":
-        kinds = parse_kinds(args.kinds)
-        res = redact_file(args.file, args.out, kinds)
-        say(f"redacted {res['changed']:,} of {res['records']:,} records: "
-            + ", ".join(f"{k} {n:,}" for k, n in res["counts"].items()))
-        say(f"wrote {args.out}")
+def _data_check(args, say, on_invalid):
+    if args.max_len is not None and args.max_len < 2:
+        raise UsageError("--max-len", "must be at least 2")
+    tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    rep = check_file(args.file, tok, args.max_len, args.format, on_invalid=on_invalid)
+    for line in rep.lines():
+        say(line)
+    if rep.problems:
+        raise DataError(args.file, f"{len(rep.problems)} problem(s) found (listed above)")
+
+
+def _data_stats(args, say, on_invalid):
+    tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
+    st = file_stats(args.file, tok, args.format, on_invalid=on_invalid)
+    if args.json:
+        say(json.dumps(st, indent=2))
     else:
-        raise UsageError("data", f"unknown action {action!r}")
+        for line in stats_lines(st):
+            say(line)
+
+
+def _data_dedup(args, say, on_invalid):
+    res = dedup_file(args.file, args.out, args.threshold, args.report, args.num_perm,
+                     args.ngram, args.seed, on_invalid=on_invalid)
+    say(f"kept {res['kept']:,} of {res['records']:,} records; dropped {res['dropped_exact']:,} "
+        f"exact and {res['dropped_near']:,} near duplicates (threshold {res['threshold']}, "
+        f"{res['bands']} bands x {res['rows']} rows)")
+    say(f"wrote {args.out}" + (f" and {args.report}" if args.report else ""))
+
+
+def _data_redact(args, say, on_invalid):
+    kinds = parse_kinds(args.kinds)
+    res = redact_file(args.file, args.out, kinds, on_invalid=on_invalid)
+    say(f"redacted {res['changed']:,} of {res['records']:,} records: "
+        + ", ".join(f"{k} {n:,}" for k, n in res["counts"].items()))
+    say(f"wrote {args.out}")
+
+
+_ACTIONS = {"check": _data_check, "stats": _data_stats, "dedup": _data_dedup, "redact": _data_redact}
+
+
+def cmd_data(args, out=None):
+    """Run ``data ACTION``; with ``--skip-invalid`` the bad lines go to the rejects file
+    (written also when the data fails as a whole) and their count is printed last (to stderr
+    under ``stats --json``, so that stdout stays JSON)."""
+    out = out or sys.stdout
+    action = getattr(args, "data_command", None)
+    if action not in _ACTIONS:
+        raise UsageError("data", "give an action: check, stats, dedup or redact" if action is None
+                         else f"unknown action {action!r}")
+    path = rejects_path(args)
+    rejects = None if path is None else Rejects()
+    try:
+        _ACTIONS[action](args, lambda line="": print(line, file=out), rejects)
+    except DataError:
+        _write_rejects(rejects, path, sys.stderr)
+        raise
+    _write_rejects(rejects, path, sys.stderr if getattr(args, "json", False) else out)
     return 0
+
+
+def _write_rejects(rejects, path, out):
+    if rejects is not None:
+        rejects.write(path)
+        print(f"skipped {len(rejects):,} invalid line(s); wrote them to {path}", file=out)

@@ -248,8 +248,10 @@ def _open(path, where: str):
         raise DataError(where, f"cannot read data file ({e.strerror or e})") from None
 
 
-def _lines(f, name: str):
-    """``(line_no, raw bytes)`` of an open file, each line read at most MAX_LINE_BYTES."""
+def _lines(f, name: str, on_invalid=None):
+    """``(line_no, raw bytes)`` of an open file, each line read at most MAX_LINE_BYTES. A
+    longer line is a DataError, or with ``on_invalid`` is passed to
+    ``on_invalid(line_no, first bytes, error)`` and skipped."""
     line_no = 0
     while True:
         raw = f.readline(MAX_LINE_BYTES + 1)
@@ -257,8 +259,14 @@ def _lines(f, name: str):
             return
         line_no += 1
         if len(raw) > MAX_LINE_BYTES:
-            raise DataError(f"{name}:{line_no}", f"line longer than {MAX_LINE_BYTES >> 20} MiB "
-                                                 "(a record that large is refused)")
+            error = DataError(f"{name}:{line_no}", f"line longer than {MAX_LINE_BYTES >> 20} MiB "
+                                                   "(a record that large is refused)")
+            if on_invalid is None:
+                raise error
+            on_invalid(line_no, raw, error)
+            while raw and not raw.endswith(b"\n"):  # the rest of the long line
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            continue
         yield line_no, raw
 
 
@@ -273,27 +281,41 @@ def file_format(file_fmt: str | None, first_line: int, rec_fmt: str, line_no: in
     return file_fmt, first_line
 
 
-def read_jsonl(path, fmt: str = "auto", with_format: bool = False) -> Iterator:
+def read_jsonl(path, fmt: str = "auto", with_format: bool = False, on_invalid=None) -> Iterator:
     """Stream the records of a JSONL file as ``(line_no, record)`` (1-based line numbers),
     each validated against ``fmt``; with ``fmt="auto"`` the first record fixes the format and
     every later one must agree. Blank lines are skipped. Any malformed record raises
-    ``DataError("FILE:LINE", what)``; a file without records raises ``DataError("FILE", ...)``.
-    ``with_format=True`` yields ``(line_no, record, fmt)`` instead."""
+    ``DataError("FILE:LINE", what)``, or with ``on_invalid`` is passed to
+    ``on_invalid(line_no, raw bytes, error)`` and skipped; a file without (valid) records
+    raises ``DataError("FILE", ...)``. ``with_format=True`` yields ``(line_no, record, fmt)``."""
     _check_fmt_arg(fmt)
     name = str(path)
     file_fmt, first_line, n = (None if fmt == "auto" else fmt), 0, 0
+    skipped = []  # the lines handed to on_invalid
+
+    def skip(line_no, raw, error):
+        skipped.append(line_no)
+        on_invalid(line_no, raw, error)
+
     with _open(path, name) as f:
-        for line_no, raw in _lines(f, name):
+        for line_no, raw in _lines(f, name, None if on_invalid is None else skip):
             if not raw.strip():
                 continue
             where = f"{name}:{line_no}"
-            record = parse_line(raw, where)
-            rec_fmt = check_record(record, fmt, where)
-            file_fmt, first_line = file_format(file_fmt, first_line, rec_fmt, line_no, where)
+            try:
+                record = parse_line(raw, where)
+                rec_fmt = check_record(record, fmt, where)
+                file_fmt, first_line = file_format(file_fmt, first_line, rec_fmt, line_no, where)
+            except DataError as e:
+                if on_invalid is None:
+                    raise
+                skip(line_no, raw, e)
+                continue
             n += 1
             yield (line_no, record, rec_fmt) if with_format else (line_no, record)
     if n == 0:
-        raise DataError(name, "no records (the file is empty)")
+        raise DataError(name, f"no valid records ({len(skipped)} invalid line(s) skipped)" if skipped
+                        else "no records (the file is empty)")
 
 
 class JsonlIndex:
