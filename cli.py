@@ -8,6 +8,7 @@ contract's exit status (2 usage/config, 3 data, 4 model/checkpoint/adapter, 5 ga
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -153,7 +154,7 @@ def cmd_train(args):
         raise UsageError("train", "--resume continues the run in the output folder, --overwrite "
                                   "deletes it: give one of them")
     resume = args.resume if args.resume in (False, True) else Path(args.resume)
-    result = train(cfg, resume=resume, log=_log, overwrite=args.overwrite)
+    result = train(cfg, resume=resume, log=_log, overwrite=args.overwrite, log_format=_LOG["format"])
     if result.interrupted:
         sys.exit(130)
     if _rank0():
@@ -228,8 +229,32 @@ def cmd_demo(args):
     run_demo(out=args.out, quick=args.quick, log=_log)
 
 
+_LOG = {"format": "text"}  # --log-format: "json" makes every stdout line a JSON object
+
+
 def _log(msg):
-    print(msg, flush=True)
+    print(json.dumps({"message": msg}) if _LOG["format"] == "json" else msg, flush=True)
+
+
+def _pop_log_format(argv: list) -> tuple[list, str]:
+    """``--log-format text|json`` (or ``--log-format=json``), accepted anywhere on the line."""
+    rest, fmt, i = [], "text", 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--log-format" or a.startswith("--log-format="):
+            if a == "--log-format":
+                if i + 1 >= len(argv):
+                    raise UsageError("--log-format", "expected text or json")
+                value, i = argv[i + 1], i + 1
+            else:
+                value = a.split("=", 1)[1]
+            if value not in ("text", "json"):
+                raise UsageError("--log-format", f"expected text or json, got {value!r}")
+            fmt = value
+        else:
+            rest.append(a)
+        i += 1
+    return rest, fmt
 
 
 def _rank0() -> bool:
@@ -242,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="leantune: lean LoRA / QLoRA fine-tuning")
     p.add_argument("--debug", action="store_true", help="show tracebacks (accepted anywhere on the line)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: progress and messages as one JSON object a line on stdout "
+                        "(accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
 
     s = sub.add_parser("import-gguf", help="a Llama-family GGUF file to a Hugging Face folder")
@@ -347,6 +375,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     try:
+        argv, _LOG["format"] = _pop_log_format(argv)
         args = build_parser().parse_args(argv)
         if args.version:
             print(f"{PROG} {VERSION}")

@@ -264,7 +264,8 @@ def _metrics_step(line: str):
 
 
 # what a run writes into its output folder; ``--overwrite`` removes these (and nothing else)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "manifest.json", "adapter", "model", "eval")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "tensorboard", "manifest.json", "adapter",
+               "model", "eval")
 
 
 def clear_run(run_dir: Path):

@@ -106,6 +106,13 @@ class DataSection:
 class TrainSection:
     out: str = key("runs/leantune", "the output folder")
     objective: str = key("sft", '"sft" | "dpo" | "grpo"; `leantune config --kind K` shows its keys')
+    loss_type: str = key("sigmoid", '"sigmoid" (DPO) | "ipo" | "simpo" (reference-free, length-normalised)', "dpo")
+    beta: float = key(0.1, "DPO's beta: how far the policy may move from the reference", "dpo")
+    gamma: float = key(0.5, "SimPO's target reward margin (loss_type = \"simpo\" only)", "dpo")
+    reference_adapter: str = key("", 'a frozen SFT adapter folder as the reference (the trained\n'
+                                     'adapter starts as a copy of it); "" = the base, adapter off', "dpo")
+    precompute_ref: bool = key(False, "reference log-probs computed once before training, cached\n"
+                                      "under OUT/cache", "dpo")
     seed: int = key(0, "data order, dropout and init")
     lr: float = key(2e-4, "peak learning rate")
     max_steps: int = key(0, "optimizer steps; 0 = run `epochs` epochs")
@@ -129,6 +136,8 @@ class TrainSection:
     loss_chunk: int = key(256, "tokens per chunk of the chunked cross-entropy")
     max_nan_steps: int = key(5, "consecutive non-finite steps before stopping (with a checkpoint)")
     keep_checkpoints: int = key(0, "keep the newest N complete checkpoints; 0 = all")
+    report_to: list = key([], 'more writers of the metrics rows: "csv" (OUT/metrics.csv),\n'
+                              '"tensorboard" (event files under OUT/tensorboard/, offline)')
 
 
 @dataclass
@@ -168,15 +177,19 @@ CHOICES = {
     ("train", "schedule"): ("constant", "linear", "cosine"),
     ("train", "optimizer"): ("adamw", "adamw8bit"),
     ("train", "objective"): ("sft", "dpo", "grpo"),
+    ("train", "loss_type"): ("sigmoid", "ipo", "simpo"),
 }
+# list keys whose items must be among these
+LIST_CHOICES = {("train", "report_to"): ("csv", "tensorboard")}
 POSITIVE = {("adapter", "r"), ("adapter", "alpha"), ("train", "lr"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
             ("train", "epochs"), ("model", "blocksize"), ("train", "loss_chunk"),
-            ("eval", "max_new_tokens"), ("eval", "batch_size"), ("train", "max_nan_steps")}
+            ("eval", "max_new_tokens"), ("eval", "batch_size"), ("train", "max_nan_steps"),
+            ("train", "beta")}
 NON_NEGATIVE = {("train", "max_steps"), ("train", "warmup_steps"), ("train", "save_every"),
                 ("train", "eval_every"), ("train", "weight_decay"), ("train", "clip"),
                 ("eval", "shots"), ("eval", "max_items"), ("train", "seed"),
                 ("train", "log_every"), ("train", "keep_checkpoints"), ("eval", "kl_threshold"),
-                ("adapter", "loftq_iters")}
+                ("adapter", "loftq_iters"), ("train", "gamma")}
 # inclusive integer bounds (ints not named here: at most INT_MAX); every float must be finite
 INT_RANGES = {("data", "max_len"): (2, 2**20), ("train", "batch_size"): (1, 2**16),
               ("train", "grad_accum"): (1, 2**16), ("adapter", "r"): (1, 2**16),
@@ -283,8 +296,15 @@ def apply_dict(cfg: Config, data: dict, source: str) -> Config:
                 raise UsageError(where, f"must be one of {', '.join(choices)}; got {value!r}"
                                  + _suggest(str(value), choices))
             _check_range(value, (sec_name, key), where)
+            _check_items(value, LIST_CHOICES.get((sec_name, key)), where)
             setattr(section, key, value)
     return cfg
+
+
+def _check_items(value, choices, where):
+    for item in value if choices else ():
+        if item not in choices:
+            raise UsageError(where, f"{item!r} is not one of {', '.join(choices)}" + _suggest(str(item), choices))
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -333,15 +353,33 @@ def load_config(path, overrides=()) -> Config:
     if not cfg.train.out.strip():
         raise UsageError(f"{path}: train.out", "is empty: name the output folder")
     adapter_config(cfg.adapter)  # AdapterConfig's own checks, at load time
+    check_objective(cfg, str(path))
     # relative data / output paths are relative to the config file's folder
     base = path.resolve().parent
     for sec, key in (("data", "train"), ("data", "eval"), ("eval", "data"), ("train", "out"),
-                     ("model", "path"), ("eval", "general_text")):
+                     ("model", "path"), ("eval", "general_text"), ("train", "reference_adapter")):
         section = getattr(cfg, sec)
         value = getattr(section, key)
         if value and not Path(value).is_absolute() and not _hub_id(sec, key, value, base):
             setattr(section, key, str(base / value))
     return cfg
+
+
+def check_objective(cfg: Config, path: str):
+    """The objective's own rules (one line naming the key, exit 2)."""
+    t = cfg.train
+    if t.objective == "grpo":
+        raise UsageError(f"{path}: train.objective", '"grpo" is not implemented yet; use "sft" or "dpo"')
+    if t.objective != "dpo":
+        return
+    if t.reference_adapter and t.loss_type == "simpo":
+        raise UsageError(f"{path}: train.reference_adapter", 'loss_type = "simpo" uses no reference')
+    if cfg.adapter.kind == "none" and t.loss_type != "simpo" and not t.precompute_ref:
+        raise UsageError(f"{path}: train.precompute_ref", 'a full fine-tune (adapter.kind = "none") has '
+                                                          "no adapter to switch off for the reference: "
+                                                          "set precompute_ref = true")
+    if cfg.adapter.kind == "none" and t.reference_adapter:
+        raise UsageError(f"{path}: train.reference_adapter", 'needs an adapter (adapter.kind is "none")')
 
 
 # -- the default config as commented TOML (``leantune config``, the README's block) ----------

@@ -52,6 +52,7 @@ from leantune.train.distributed import (  # noqa: F401  (re-exported)
     Ranks, checkpoint_rng, launch_ranks, process_group, rng_state)
 from leantune.train.provenance import (  # noqa: F401  (re-exported)
     build_manifest, finish_manifest, git_commit, model_fingerprint, run_identity, versions)
+from leantune.train.reporting import MetricsSink
 from leantune.train.schedule import lr_factor
 
 
@@ -375,19 +376,26 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
 # -- logging -------------------------------------------------------------------------------
 class _Progress:
     """A live line on a terminal (stderr); when stdout is not a terminal, a plain line through
-    ``log`` per logged step, at most every ``every`` seconds (and always the last step)."""
+    ``log`` per logged step, at most every ``every`` seconds (and always the last step). With
+    ``log_format = "json"``: instead, one JSON object a logged step on stdout."""
 
-    def __init__(self, ranks: Ranks, total: int, start: int, log, every: float = 30.0):
-        self.live = ranks.main and sys.stderr.isatty()
-        self.plain = ranks.main and not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+    def __init__(self, ranks: Ranks, total: int, start: int, log, every: float = 30.0,
+                 log_format: str = "text"):
+        self.json = ranks.main and log_format == "json"
+        self.live = ranks.main and sys.stderr.isatty() and not self.json
+        self.plain = ranks.main and not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty()) and not self.json
         self.total, self.start, self.log, self.every = total, start, log, every
         self.t0 = time.time()
         self.last_plain = -math.inf
 
-    def update(self, step: int, loss: float, lr: float, tps: float):
+    def update(self, step: int, loss: float, lr: float, tps: float, eval_loss: float | None = None):
         done = step - self.start
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        if self.json:
+            row = {"step": step, "total": self.total, "loss": _finite_or_none(loss), "lr": lr,
+                   "tokens_per_s": tps, "eta_s": round(eta, 1)}
+            print(json.dumps(row if eval_loss is None else {**row, "eval_loss": eval_loss}), flush=True)
         if self.live:
             sys.stderr.write(f"\rstep {step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  ETA {eta_s} ")
             sys.stderr.flush()
@@ -415,18 +423,17 @@ def log_step(run: _Run, data: _Data, out: _StepOut, dt: float, mlog, progress: _
            "peak_mem_mb": peak_memory_mb(run.ranks.device)}
     if cfg.train.eval_every and data.eval_plan is not None and step % cfg.train.eval_every == 0:
         rec["eval_loss"] = eval_loss(run.model, data.eval_plan, cfg.train.loss_chunk, run.ranks.device, run.ranks)
-    mlog.write(json.dumps(rec) + "\n")
-    mlog.flush()
-    progress.update(step, run.last_loss, out.lr, rec["tokens_per_s"])
+    mlog.record(rec)
+    progress.update(step, run.last_loss, out.lr, rec["tokens_per_s"], rec.get("eval_loss"))
 
 
 # -- the step loop and the export ----------------------------------------------------------
-def step_loop(run: _Run, data: _Data, on_step, log):
+def step_loop(run: _Run, data: _Data, on_step, log, log_format: str = "text"):
     """Optimizer steps until the plan's end, a run of non-finite steps (TrainingAborted, with
     a checkpoint), or SIGINT/SIGTERM (a checkpoint, ``run.interrupted``)."""
     cfg, ranks = run.cfg, run.ranks
-    progress = _Progress(ranks, data.total, run.start, log)
-    with _Signals() as sigs, open(run.metrics_path if ranks.main else os.devnull, "a", encoding="utf-8") as mlog:
+    progress = _Progress(ranks, data.total, run.start, log, log_format=log_format)
+    with _Signals() as sigs, MetricsSink(run.run_dir, cfg.train.report_to, ranks.main) as mlog:
         while run.step < data.total:
             t_step = time.time()
             out = optimizer_step(run, data)
@@ -549,7 +556,7 @@ def output_folder(cfg: Config, ranks: Ranks, log, overwrite: bool | None, resume
 
 # -- train ---------------------------------------------------------------------------------
 def train(cfg: Config, resume=False, log=print, tokenizer=None, on_step=None,
-          overwrite: bool | None = None) -> TrainResult:
+          overwrite: bool | None = None, log_format: str = "text") -> TrainResult:
     """Run (or resume) a fine-tune; ``on_step(step)`` is called after each optimizer step.
 
     ``resume``: True continues from the newest good checkpoint, a path from that checkpoint
@@ -557,7 +564,8 @@ def train(cfg: Config, resume=False, log=print, tokenizer=None, on_step=None,
     but the keys in ``provenance.RESUME_FREE``: max_steps, epochs, save_every, eval_every,
     log_every, keep_checkpoints, max_nan_steps, grad_checkpoint, cuda_graphs, fsdp, the paths, and
     [eval]), data or base model differ from this run's. ``overwrite``: see ``output_folder``.
-    The output folder is locked for the run (a second run into it is refused).
+    The output folder is locked for the run (a second run into it is refused). ``log_format``
+    "json": progress as one JSON object a logged step on stdout (``_Progress``).
 
     Under torchrun (WORLD_SIZE > 1) this runs data-parallel on every process: ``log`` is
     called on rank 0 only, ``on_step`` on every rank."""
@@ -569,10 +577,11 @@ def train(cfg: Config, resume=False, log=print, tokenizer=None, on_step=None,
                                              f"({cfg.train.grad_accum}) a multiple of {ranks.world}")
     log = log if ranks.main else (lambda msg: None)
     with process_group(ranks), output_folder(cfg, ranks, log, overwrite, resume) as run_dir:
-        return _train(cfg, resume, log, tokenizer, on_step, ranks, run_dir)
+        return _train(cfg, resume, log, tokenizer, on_step, ranks, run_dir, log_format)
 
 
-def _train(cfg: Config, resume, log, tokenizer, on_step, ranks: Ranks, run_dir: Path) -> TrainResult:
+def _train(cfg: Config, resume, log, tokenizer, on_step, ranks: Ranks, run_dir: Path,
+           log_format: str = "text") -> TrainResult:
     from leantune.peft_core.tokenizer import Tokenizer
 
     if not cfg.data.train:
@@ -595,7 +604,7 @@ def _train(cfg: Config, resume, log, tokenizer, on_step, ranks: Ranks, run_dir: 
                                   total=data.total, summary=data.summary, held=held)
 
     restore(run, resume, log)
-    step_loop(run, data, on_step, log)
+    step_loop(run, data, on_step, log, log_format)
     if not run.interrupted:
         export(run)
     return TrainResult(run_dir, run.step, run.last_loss, run.skipped, run.interrupted)

@@ -3,7 +3,7 @@ library versions, and the manifest.json that records them in the output folder.
 
 ``resume_config`` is the part of the config that decides the trained result: a checkpoint
 stores it, and ``--resume`` refuses a run whose value differs. The keys that may differ on
-resume (``RESUME_FREE``) only say how long to run, how often to log, evaluate and save, how
+resume (``RESUME_FREE``) only say how long to run, how often to log (and to which writers), evaluate and save, how
 the same math is laid out (grad_checkpoint, cuda_graphs, fsdp), and where things are: the output folder, the data and model paths (their contents are checked by
 hash instead: ``data_sha256``, ``base_model_sha256``), and the whole ``[eval]`` section.
 """
@@ -23,7 +23,8 @@ from leantune.base import VERSION, file_sha256
 
 RESUME_FREE = {"train.max_steps", "train.epochs", "train.save_every", "train.eval_every",
                "train.log_every", "train.keep_checkpoints", "train.max_nan_steps", "train.out",
-               "train.grad_checkpoint", "train.cuda_graphs", "train.fsdp", "data.train", "data.eval", "model.path"}
+               "train.grad_checkpoint", "train.cuda_graphs", "train.fsdp", "train.report_to", "data.train",
+               "data.eval", "model.path"}
 
 
 def model_fingerprint(model_dir: Path) -> str:
