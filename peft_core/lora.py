@@ -168,12 +168,15 @@ class LoraVariant:
         """base(x) plus this adapter: the layer's path when it is the only adapter applied
         (and the fused 4-bit path does not apply). A variant that overrides only ``delta``
         gets base(x) + delta."""
+        return self.on_base(layer, name, x, layer.base(x))
+
+    def on_base(self, layer: "LoraLinear", name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``forward`` given base(x) already computed (a mixed-adapter batch computes the base
+        once for all its rows). Not used for a variant that overrides ``forward``."""
         if not self.standard_math():
-            base_out = layer.base(x)
             return (base_out + self.delta(layer, name, x, base_out)).to(base_out.dtype)
         spec = layer.adapters[name]
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        base_out = layer.base(x)
         y = base_out.reshape(-1, B.shape[0]).to(A.dtype)  # (M, out)
         # in the adapter's dtype (fp32 adapters on a bf16 base: x cast up, as PEFT)
         xa = F.linear(layer.lora_dropout[name](x.to(A.dtype)), A).reshape(-1, A.shape[0])  # (M, r)
@@ -531,14 +534,52 @@ class LoraLinear(nn.Module):
         if len(groups) == 1:
             n = rows[0]
             return self._apply(x, [n] if n in self.adapters else [])
-        out = None
+        base_out = self.base(x)  # once for every row (the base dominates a decode step)
+        stacked = [n for n in groups if self._stackable(n)]
+        out = self._stacked_lora(x, base_out, rows, stacked) if stacked else base_out
         for n, idx in groups.items():
+            names = [n] if n in self.adapters else []
+            if n in stacked and not self._needs_init_delta(names):
+                continue
             idx_t = torch.tensor(idx, device=x.device)
-            ys = self._apply(x.index_select(0, idx_t), [n] if n in self.adapters else [])
-            if out is None:
-                out = ys.new_empty(x.shape[0], *ys.shape[1:])
-            out = out.index_copy(0, idx_t, ys)
+            xs = x.index_select(0, idx_t)
+            if n in stacked:
+                ys = out.index_select(0, idx_t) + self._init_delta(xs)
+            elif names and type(self.variant(n)).forward is not LoraVariant.forward:
+                ys = self._apply(xs, names)  # a variant with its own forward: its own base pass
+            else:
+                ys = base_out.index_select(0, idx_t)
+                ys = self.variant(n).on_base(self, n, xs, ys) if names else ys
+                if self._needs_init_delta(names):
+                    ys = ys + self._init_delta(xs)
+            out = out.index_copy(0, idx_t, ys.to(out.dtype))
         return out
+
+    def _stackable(self, name: str) -> bool:
+        """Standard LoRA with no dropout running: its rows join one stacked product."""
+        if name not in self.adapters or not self.variant(name).standard_math():
+            return False
+        return not self.training or isinstance(self.lora_dropout[name], nn.Identity)
+
+    def _stacked_lora(self, x, base_out, rows, names):
+        """base(x) plus, on each row, its own adapter's s B A x, for all the ``names`` at once
+        (S-LoRA's batched form): xa = x [A_1; A_2; ...]^T with every column outside the row's
+        adapter zeroed (its scale inside), then one addmm with [B_1, B_2, ...]. Rows of other
+        adapters (and of the base) get exact zeros: their output stays base(x)."""
+        A = torch.cat([self.lora_A[n].weight for n in names])  # (R, in)
+        B = torch.cat([self.lora_B[n].weight for n in names], dim=1)  # (out, R)
+        scale = torch.zeros(len(rows), A.shape[0], dtype=A.dtype, device=x.device)
+        col = 0
+        for n in names:
+            r = self.adapters[n].r
+            pick = torch.tensor([row == n for row in rows], device=x.device)
+            scale[pick, col:col + r] = self.adapters[n].scaling
+            col += r
+        lead = x.shape[:-1]
+        xa = F.linear(x.to(A.dtype), A) * scale.view(len(rows), *([1] * (len(lead) - 1)), -1)
+        y = base_out.reshape(-1, B.shape[0]).to(A.dtype)
+        y = torch.addmm(y, xa.reshape(-1, A.shape[0]), B.t())
+        return y.to(base_out.dtype).reshape(*lead, B.shape[0])
 
     # -- merging -------------------------------------------------------------------------
     @torch.no_grad()

@@ -188,6 +188,47 @@ def test_dora_norm_cache_follows_base_changes():
 # ------------------------------------------------------------------------------------------
 # named adapters
 # ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant", [False, True])
+def test_mixed_rows_compute_the_base_once_and_match_each_adapter(quant, monkeypatch):
+    """A batch whose rows pick different adapters (the server's decode batch) runs each base
+    linear once for all rows; every row equals that adapter's own forward."""
+    model = tiny_model(seed=3).eval()
+    if quant:
+        replace_linears(model, "nf4", blocksize=32)
+    for name, kind in (("a", "lora"), ("g", "gated"), ("d", "dora")):
+        inject_adapter(model, AdapterConfig(kind=kind, r=4, alpha=8, targets="all-linear"), name,
+                       activate=False)
+    randomize(model, seed=4)
+    ids = torch.randint(0, 97, (4, 5), generator=torch.Generator().manual_seed(1))
+    rows = ["a", "g", BASE, "a"]
+    with torch.no_grad():
+        want = {}
+        for n in ("a", "g"):
+            set_active_adapter(model, n)
+            want[n] = model(ids)
+        with disable_adapters(model):
+            want[BASE] = model(ids)
+        calls = []
+        for _, layer in lora_layers(model):
+            orig = layer.base.forward
+            monkeypatch.setattr(layer.base, "forward",
+                                lambda x, orig=orig: calls.append(x.shape[0]) or orig(x))
+        with adapter_rows(model, rows):
+            mixed = model(ids)
+    n_lora = len(lora_layers(model))
+    assert calls.count(4) == n_lora and len(calls) == n_lora  # one full-batch base pass a layer
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(mixed[i], want[n][i], rtol=1e-4, atol=1e-5)
+    rows = ["d", "a", BASE, "g"]  # DoRA has its own forward: its rows take their own base pass
+    with torch.no_grad():
+        set_active_adapter(model, "d")
+        want["d"] = model(ids)
+        with adapter_rows(model, rows):
+            mixed = model(ids)
+    for i, n in enumerate(rows):
+        torch.testing.assert_close(mixed[i], want[n][i], rtol=1e-4, atol=1e-5)
+
+
 def test_named_adapters_active_set_and_per_row_selection():
     model = tiny_model(seed=1).eval()
     with torch.no_grad():
