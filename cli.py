@@ -150,6 +150,13 @@ def cmd_train(args):
     from leantune.train.loop import train
 
     cfg = load_config(args.config, args.set or [])
+    if args.dry_run:
+        from leantune.train.dryrun import dry_run
+
+        plan = dry_run(cfg, log=_log)
+        if _LOG["format"] == "json":
+            print(json.dumps({"plan": plan.to_dict()}), flush=True)
+        return
     if args.resume and args.overwrite:
         raise UsageError("train", "--resume continues the run in the output folder, --overwrite "
                                   "deletes it: give one of them")
@@ -317,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--overwrite", action="store_true",
                            help="delete the earlier run's checkpoints, metrics and exports in the "
                                 "output folder first")
+            s.add_argument("--dry-run", action="store_true",
+                           help="check config, data and model, probe one micro-batch and print the "
+                                "plan (examples, tokens, steps, time a step, peak memory); writes nothing")
         else:
             s.add_argument("--adapter", action="append", metavar="[LABEL=]DIR",
                            help="adapter(s) to evaluate (default: OUT/adapter)")
