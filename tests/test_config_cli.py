@@ -28,7 +28,8 @@ def test_config_prints_toml_that_loads_back_to_the_defaults(kind, capsys, tmp_pa
     keyed = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
     assert keyed and all("  # " in line for line in keyed)
     (tmp_path / "c.toml").write_text(text)
-    assert load_config(tmp_path / "c.toml").train.objective == kind
+    if kind != "grpo":  # refused by load_config while not implemented
+        assert load_config(tmp_path / "c.toml").train.objective == kind
 
 
 def test_every_key_has_a_comment():
