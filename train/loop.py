@@ -38,6 +38,7 @@ import torch
 
 from leantune.base import UsageError
 from leantune.peft_core.build import compute_dtype_for, load_base, pick_device, resolve_model_dir
+from leantune.quant import hostpool
 from leantune.peft_core.checkpoint import write_json
 from leantune.peft_core.model import make_attn_mask
 from leantune.quant.chunked_ce import causal_lm_targets, chunked_cross_entropy
@@ -79,6 +80,10 @@ def build_model(cfg: Config, model_dir: Path, device, dtype):
     if acfg is None:
         for p in model.parameters():
             p.requires_grad_(True)
+    elif cfg.train.objective == "dpo" and cfg.train.reference_adapter:
+        from leantune.train.dpo import load_reference_adapter
+
+        load_reference_adapter(model, cfg.train.reference_adapter)  # the trained adapter: a copy
     else:
         from leantune.peft_core.adapters import inject_adapter
 
@@ -151,6 +156,10 @@ def build_data(cfg: Config, tok, run_dir: Path, log) -> _Data:
     from leantune.train.data import BatchPlan, build_examples, pack_examples
 
     torch.manual_seed(cfg.train.seed)
+    if cfg.train.objective == "dpo":  # preference pairs, one shared-prompt row each
+        from leantune.train.preference import build_pair_data
+
+        return _Data(*build_pair_data(cfg, tok, log))
     cache = run_dir / "cache"
     examples, summary = build_examples(cfg.data.train, tok, cfg.data.format, cfg.data.max_len,
                                        cfg.data.mask_prompt, cfg.data.mask_mode, cache_dir=cache)
@@ -235,6 +244,7 @@ class _Run:
     last_loss: float = float("nan")
     interrupted: bool = False
     manifest: dict = field(default_factory=dict)
+    objective: object = None  # train.dpo.DPOObjective for objective "dpo"; None: SFT
 
     @property
     def metrics_path(self) -> Path:
@@ -333,7 +343,9 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
     for g in run.opt.param_groups:
         g["lr"] = lr
     micro = [data.plan.batch(*divmod(run.step * ga + j, len(data.plan))) for j in range(ga)]
-    n_tok = sum(int((causal_lm_targets(b["labels"], b["doc_ids"]) != -100).sum()) for b in micro)
+    obj = run.objective  # its own normaliser (pairs) and loss; None: next-token loss per token
+    n_tok = obj.count(micro) if obj else sum(int((causal_lm_targets(b["labels"], b["doc_ids"]) != -100).sum())
+                                             for b in micro)
     loss_total = torch.zeros((), device=device)
     mine = ranks.part(micro)
     for j, b in enumerate(mine):
@@ -343,7 +355,10 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
         # no autocast: the base is in the compute dtype already and each adapter casts its
         # input to its own (float32) weights' dtype, as PEFT; autocast would run the adapter
         # products in bf16 (and breaks the fused 4-bit Function's fp32 LoRA path)
-        loss_sum, _ = batch_loss_sum(run.model, b, cfg.train.loss_chunk, run.trunk)
+        if obj:
+            loss_sum = obj.loss_sum(run.model, b, cfg.train.loss_chunk, run.trunk)
+        else:
+            loss_sum, _ = batch_loss_sum(run.model, b, cfg.train.loss_chunk, run.trunk)
         loss = loss_sum.float() / max(n_tok, 1)  # normalised by the whole accumulated batch
         (run.scaler.scale(loss) if run.scaler else loss).backward()
         loss_total += loss.detach()
@@ -352,7 +367,8 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
             if p.grad is None:  # no rows here this step
                 p.grad = torch.zeros_like(p)
         # (FSDP has reduce-scattered the sharded ones)
-        ranks.sum_([p.grad for p in run.params.values() if not fsdp.is_sharded(p)] + [loss_total])
+        ranks.sum_([p.grad for p in run.params.values() if not fsdp.is_sharded(p)] + [loss_total]
+                   + ([obj.stats()] if obj else []))
     if run.scaler:
         run.scaler.unscale_(run.opt)
     clip = cfg.train.clip if cfg.train.clip > 0 else float("inf")
@@ -388,21 +404,25 @@ class _Progress:
         self.t0 = time.time()
         self.last_plain = -math.inf
 
-    def update(self, step: int, loss: float, lr: float, tps: float, eval_loss: float | None = None):
+    def update(self, step: int, loss: float, lr: float, tps: float, eval_loss: float | None = None,
+               extra: dict | None = None):
+        """``extra``: more named values of the step (DPO's rewards/*), shown after the loss."""
         done = step - self.start
         eta = (time.time() - self.t0) / max(done, 1) * (self.total - step)
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        shown = "".join(f"  {k} {v:.3f}" for k, v in (extra or {}).items())
         if self.json:
             row = {"step": step, "total": self.total, "loss": _finite_or_none(loss), "lr": lr,
                    "tokens_per_s": tps, "eta_s": round(eta, 1)}
-            print(json.dumps(row if eval_loss is None else {**row, "eval_loss": eval_loss}), flush=True)
+            row = row if eval_loss is None else {**row, "eval_loss": eval_loss}
+            print(json.dumps({**row, **(extra or {})}), flush=True)
         if self.live:
-            sys.stderr.write(f"\rstep {step}/{self.total}  loss {loss:.4f}  {tps:,.0f} tok/s  ETA {eta_s} ")
+            sys.stderr.write(f"\rstep {step}/{self.total}  loss {loss:.4f}{shown}  {tps:,.0f} tok/s  ETA {eta_s} ")
             sys.stderr.flush()
         now = time.monotonic()
         if self.plain and (now - self.last_plain >= self.every or step == self.total):
             self.last_plain = now
-            self.log(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.3g}  {tps:,.0f} tok/s  ETA {eta_s}")
+            self.log(f"step {step}/{self.total}  loss {loss:.4f}{shown}  lr {lr:.3g}  {tps:,.0f} tok/s  ETA {eta_s}")
 
     def close(self):
         if self.live:
@@ -421,10 +441,19 @@ def log_step(run: _Run, data: _Data, out: _StepOut, dt: float, mlog, progress: _
            "supervised_tokens": out.n_tok, "skipped_steps": run.skipped,
            "epoch": step * cfg.train.grad_accum / len(data.plan),
            "peak_mem_mb": peak_memory_mb(run.ranks.device)}
+    if run.ranks.device.type == "cpu" and hostpool.enabled():  # its high-water mark, beside the RSS
+        rec["hostpool_peak_mb"] = hostpool.stats()["peak_bytes"] / 2**20
+    obj = run.objective
+    if obj:  # DPO: pairs, completion tokens and TRL's rewards/* and logps/*
+        rec.update(obj.metrics())
     if cfg.train.eval_every and data.eval_plan is not None and step % cfg.train.eval_every == 0:
-        rec["eval_loss"] = eval_loss(run.model, data.eval_plan, cfg.train.loss_chunk, run.ranks.device, run.ranks)
+        if obj:
+            rec.update(obj.evaluate(run.model, data.eval_plan, cfg.train.loss_chunk, run.ranks.device))
+        else:
+            rec["eval_loss"] = eval_loss(run.model, data.eval_plan, cfg.train.loss_chunk, run.ranks.device, run.ranks)
     mlog.record(rec)
-    progress.update(step, run.last_loss, out.lr, rec["tokens_per_s"], rec.get("eval_loss"))
+    progress.update(step, run.last_loss, out.lr, rec["tokens_per_s"], rec.get("eval_loss"),
+                    obj.progress() if obj else None)
 
 
 # -- the step loop and the export ----------------------------------------------------------
@@ -603,6 +632,11 @@ def _train(cfg: Config, resume, log, tokenizer, on_step, ranks: Ranks, run_dir: 
     run.manifest = build_manifest(cfg, model_dir, identity, device=device, ranks=ranks,
                                   total=data.total, summary=data.summary, held=held)
 
+    if cfg.train.objective == "dpo":
+        from leantune.train.dpo import make_objective
+
+        run.objective = make_objective(cfg, model, data.plan, run_dir, identity["base_model_sha256"],
+                                       dtype, device, log)
     restore(run, resume, log)
     step_loop(run, data, on_step, log, log_format)
     if not run.interrupted:
