@@ -70,6 +70,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
         return make_attn_mask(T, S, pad_mask=pad_mask[:, :S], sliding_window=window, device=device)
 
     cache = KVCache(cfg, B, total, device, dtype)
+    # finished rows leave the batch, except when the model's rows are tied to adapters (serve)
+    can_drop = not any(getattr(m, "row_adapters", None) is not None for m in model.modules())
     was_training = model.training
     model.eval()
     generator = None
@@ -82,20 +84,26 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
     pos = positions[:, -1:]  # (B, 1)
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # the prompts still in the batch
     try:
         for step in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            toks = nxt.tolist()
-            live = (~done).tolist()
+            nxt = sample_next(logits.float(), temperature, top_p, generator)  # (b,)
+            nxt = torch.where(done[rows], torch.full_like(nxt, pad_token_id), nxt)
+            full = torch.full((B,), pad_token_id, dtype=nxt.dtype, device=device).index_copy(0, rows, nxt)
+            toks, live = full.tolist(), (~done).tolist()
             for i in range(B):
                 if live[i]:
                     out[i].append(toks[i])
             if on_tokens is not None:
                 on_tokens([t if a else None for t, a in zip(toks, live)])
-            done = done | torch.isin(nxt, eos)
+            done = done | torch.isin(full, eos)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
+            if can_drop and 4 * int(done[rows].sum()) >= len(rows):  # a quarter finished: drop them
+                keep = (~done[rows]).nonzero().flatten()
+                rows, nxt, pos = rows[keep], nxt[keep], pos[keep]
+                pad_mask = pad_mask[keep]
+                cache.keep(keep)
             pad_mask[:, L + step] = True
             pos = pos + 1
             logits = model(nxt[:, None], pos, mask_for(1, L + step + 1), cache)[:, -1]

@@ -148,6 +148,23 @@ def test_batched_generation_equals_one_at_a_time():
     assert len(set(map(tuple, batched))) > 1  # the rows are not trivially the same
 
 
+def test_rows_that_finish_leave_the_batch_and_the_rest_is_unchanged(monkeypatch):
+    """Rows stop at their own EOS at different steps; the finished ones are dropped from the
+    batch (and its KV cache) while the others go on exactly as they would alone."""
+    from leantune.peft_core.model import KVCache
+
+    model = tiny_model("llama", seed=9).eval()
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12], [13], [14, 15, 16], [17, 18, 19, 20, 21]]
+    alone = [generate(model, [p], 14)[0] for p in prompts]
+    eos = sorted({row[k] for row, k in zip(alone, (1, 2, 3, 5, 8, 13))})  # rows end at different steps
+    kept = []
+    monkeypatch.setattr(KVCache, "keep", lambda self, rows, orig=KVCache.keep: kept.append(len(rows)) or orig(self, rows))
+    batched = generate(model, prompts, 14, eos_token_ids=eos)
+    want = [generate(model, [p], 14, eos_token_ids=eos)[0] for p in prompts]
+    assert batched == want
+    assert len({len(r) for r in want}) > 2 and kept  # rows did end apart, and some left early
+
+
 def test_generation_matches_manual_greedy_and_stops_at_eos():
     model = tiny_model("qwen2", seed=10).eval()
     ids = [3, 1, 4, 1, 5]
