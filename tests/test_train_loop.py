@@ -88,6 +88,21 @@ def test_full_finetune_writes_outputs_and_learns(tmp_path):
 QLORA = {"model": {"quant": "nf4"}, "adapter": {"kind": "lora", "r": 4, "alpha": 8}}
 
 
+def test_metrics_report_the_host_pool_high_water_mark_beside_the_rss(tmp_path, monkeypatch):
+    from leantune.quant import hostpool
+
+    if not hostpool.enabled():
+        pytest.skip("the host pool is off (no C compiler)")
+    monkeypatch.setattr(hostpool, "MIN_BYTES", 1024)  # the tiny model's tensors go through it
+    cfg = load_config(write_config(tmp_path, train={"max_steps": 3}, **QLORA))
+    train(cfg, log=lambda m: None)
+    rows = [json.loads(x) for x in (Path(cfg.train.out) / "metrics.jsonl").read_text().splitlines()]
+    marks = [r["hostpool_peak_mb"] for r in rows]
+    assert marks == sorted(marks) and marks[-1] > 0  # a high-water mark: it never goes down
+    assert marks[-1] == hostpool.stats()["peak_bytes"] / 2**20
+    assert all(r["hostpool_peak_mb"] < r["peak_mem_mb"] for r in rows)
+
+
 @pytest.mark.parametrize("setup", [{}, QLORA], ids=["full-finetune", "qlora"])
 def test_resume_after_sigint_is_bit_exact(tmp_path, setup):
     full = load_config(write_config(tmp_path, "full", **setup))
