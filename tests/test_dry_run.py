@@ -40,3 +40,15 @@ def test_dry_run_reports_bad_data(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text('{"text": 1}\n')
     assert main(["train", str(cfg), "--dry-run"]) == 3
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_a_dpo_config(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"add {i} and 1: ", "chosen": f"{i + 1}",
+                                         "rejected": f"{i + 2}"}) + "\n" for i in range(8)))
+    cfg = write_config(tmp_path, train={"objective": "dpo", "max_steps": 2},
+                       data={"train": str(pairs), "eval": ""}, adapter={"kind": "lora", "r": 4})
+    assert main(["train", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 examples" in out and "2 steps" in out and "estimated peak memory" in out
+    assert not (tmp_path / "run").exists()

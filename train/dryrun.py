@@ -74,11 +74,11 @@ def dry_run(cfg: Config, log=print, tokenizer=None) -> Plan:
             torch.cuda.reset_peak_memory_stats()
         model, params = build_model(cfg, model_dir, device, dtype)
         model.train()
-        probe_s = probe(model, data.plan, cfg.train.loss_chunk, device)
-    summary, ga = data.summary, cfg.train.grad_accum
-    plan = Plan(examples=summary.examples, tokens=summary.total_tokens,
-                supervised_tokens=summary.supervised_tokens,
-                supervised_share=summary.supervised_tokens / max(summary.total_tokens, 1),
+        probe_s = probe(cfg, model, data.plan, device)
+        examples, tokens, supervised = token_counts(data.summary, data.plan)
+    ga = cfg.train.grad_accum
+    plan = Plan(examples=examples, tokens=tokens, supervised_tokens=supervised,
+                supervised_share=supervised / max(tokens, 1),
                 rows=len(data.plan.rows), steps=data.total, micro_batches_per_step=ga,
                 trainable_params=sum(p.numel() for p in params.values()),
                 device=device.type, dtype=str(dtype).removeprefix("torch."),
@@ -89,15 +89,35 @@ def dry_run(cfg: Config, log=print, tokenizer=None) -> Plan:
     return plan
 
 
-def probe(model, plan, chunk: int, device) -> float:
+def token_counts(summary, plan) -> tuple[int, int, int]:
+    """(examples, tokens, tokens with a loss) of the training data. Preference pairs: the
+    chosen and rejected tokens (segments 1 and 2 of the shared-prompt rows) carry the loss."""
+    if hasattr(summary, "supervised_tokens"):
+        return summary.examples, summary.total_tokens, summary.supervised_tokens
+    supervised = sum(int((plan.batch(0, i)["doc_ids"] > 0).sum()) for i in range(len(plan)))
+    return summary.pairs, summary.row_tokens, supervised
+
+
+def probe_loss(cfg: Config, model, batch):
+    """The loss a step takes of one micro-batch: next-token loss, or for ``objective = "dpo"``
+    the policy's summed sequence log-probs (the reference's no-grad forward is not timed)."""
+    if cfg.train.objective == "dpo":
+        from leantune.train.preference import sequence_logps
+
+        logps, _ = sequence_logps(model, batch, cfg.train.loss_chunk)
+        return logps.float().sum()
+    loss_sum, n = batch_loss_sum(model, batch, cfg.train.loss_chunk)
+    return loss_sum.float() / max(n, 1)
+
+
+def probe(cfg: Config, model, plan, device) -> float:
     """Seconds for one forward + backward of the plan's first micro-batch (after one untimed
     pass that builds kernels and buffers); gradients cleared afterwards."""
     batch = {k: v.to(device) for k, v in plan.batch(0, 0).items()}
     seconds = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
-        loss_sum, n = batch_loss_sum(model, batch, chunk)
-        (loss_sum.float() / max(n, 1)).backward()
+        probe_loss(cfg, model, batch).backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
