@@ -196,14 +196,16 @@ GRAMMAR = {  # sub-command: (positionals, {flag: takes a value})
     "quantize": (2, {"--quant": True, "--blocksize": True, "--no-double-quant": False, "--compute-dtype": True}),
     "train": (1, {"--set": True, "--resume": False}),
     "eval": (1, {"--set": True, "--adapter": True}),
-    "generate": (1, {"--adapter": True, "--quant": True, "--prompt": True, "--chat": True,
+    "generate": (1, {"--adapter": True, "--quant": True, "--prompt": True, "--chat": True, "--system": True,
                      "--max-new-tokens": True, "--temperature": True, "--top-p": True, "--seed": True}),
     "merge": (3, {"--dtype": True, "--quant": True}),
-    "data check": (1, {"--tokenizer": True, "--max-len": True, "--format": True}),
+    "data check": (1, {"--tokenizer": True, "--max-len": True, "--format": True, "--skip-invalid": False,
+                       "--rejects": True}),
     "data stats": (1, {"--tokenizer": True, "--format": True, "--json": False}),
     "data dedup": (1, {"--out": True, "--threshold": True, "--report": True, "--num-perm": True,
                        "--ngram": True, "--seed": True}),
-    "data redact": (1, {"--out": True, "--kinds": True}),
+    "data redact": (1, {"--out": True, "--kinds": True, "--score": False, "--skip-invalid": False,
+                        "--rejects": True}),
 }
 
 
@@ -218,7 +220,8 @@ FLAG_VALUES = {  # plausible and edge values per flag (drawn half the time)
     "--out": ["o1", "o2"], "--report": ["r1", "o1"], "--tokenizer": ["model", "broken-model", "missing"],
     "--adapter": ["adapter", "step-2", "missing", "model", "tuned=adapter"],
     "--set": ["train.max_steps=1", "train.lr=nan", "data.max_len=2", "adapter.r=0", "x"],
-    "--prompt": ["the", "", " "], "--chat": ["hi", ""],
+    "--prompt": ["the", "", " "], "--chat": ["hi", ""], "--system": ["be brief", ""],
+    "--rejects": ["r1", "o1", "bad.jsonl"],
 }
 
 

@@ -483,16 +483,32 @@ def dedup_file(path, out, threshold: float = 0.8, report=None, num_perm: int = 1
 KINDS = ("email", "iban", "card", "ssn", "ip", "phone")  # the order they are applied in
 PLACEHOLDER = {k: f"[{k.upper()}]" for k in KINDS}
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+# (user@host:path is an ssh / git remote, not a mail address)
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-]|:\S)")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}\b")
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")
+_CARD = re.compile(r"(?<![\w-])(?<![A-Z]{2}\d\d )\d(?:[ -]?\d){12,18}(?![\w-]|[ -]\d)")  # not an IBAN's tail
 _SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
                    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{0,4})(?![\w:])")
-_PHONE = re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,5}"
-                    r"(?:[ .-]\d{2,5}){0,4}(?![\w]|[ .-]\d)")
-_PHONE_PLAIN = re.compile(r"\d{3}([-. ])\d{3}\1\d{4}|\d{3}[-.]\d{4}|\d{2,5}([ -])\d{3,4}\2\d{3,4}")
+# a dotted quad after these words is a version or a section number, not an address
+# (also the later items of a list: "versions 1.2.3.4 and 1.2.3.5")
+_NOT_IP_BEFORE = re.compile(r"(?i)(?:\b(?:version|ver|release|rel|build|firmware|fw|patch|section|sec|"
+                            r"chapter|ch|clause|article|art|figure|fig|table|step|rule|oid)s?\.?"
+                            r"(?:\s+(?:level|number|no\.?|id))?|§)(?:\s*[\d.]+\s*(?:,|and|or|&))*\s*$")
+# phone candidates: digit groups with one separator between them, an optional international
+# prefix (+CC or 00CC), area codes in parentheses and the "(0)" of trunk prefixes; after
+# "tel:" (RFC 3966 links) too
+_PHONE = re.compile(r"(?:(?<![\w+.,:/-])|(?<=tel:))(?<!\d[ .-])(?:\+|\b00)?(?:\(\d{1,5}\)|\d+)"
+                    r"(?:(?:[ .-]?\(0?\d{0,4}\)[ .-]?|[ .-])\d+)*(?![\w]|[.,:/-]?\d|[ ]\d)")
+# national shapes a reader takes for a phone number without being told: North American
+# 3-3-4, and trunk-prefix numbers (0 + area code, then groups: France, UK, Germany, Japan, ...)
+_PHONE_NANP = re.compile(r"(?:1-)?[2-9]\d\d-[2-9]\d\d-\d{4}|[2-9]\d\d\.[2-9]\d\d\.\d{4}"
+                         r"|\([2-9]\d\d\) ?[2-9]\d\d-\d{4}")
+_PHONE_TRUNK = re.compile(r"(?:0[1-9]\d{0,3}|\(0[1-9]\d{0,3}\))(?:[ .-]\d{2,8})+")
+_PHONE_WORDS = re.compile(r"(?i)(?:\b(?:tel|fax|sms|call|ring|dial|cell|text|phone|mobile|mobil|tél|"
+                          r"telefon|téléphone|handy|portable|cellulare|móvil|whatsapp|hotline)\b)"
+                          r"[^\d\n]{0,20}$")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
 
@@ -514,49 +530,70 @@ def iban_ok(candidate: str) -> bool:
     return int(digits) % 97 == 1
 
 
-def _sub_iban(m):
-    text = m.group(0)
-    while len(text.replace(" ", "")) >= 15:  # the regex may swallow a following word: back off
-        if iban_ok(text):
-            return PLACEHOLDER["iban"] + m.group(0)[len(text):]
-        text = text[:-1].rstrip()
-    return m.group(0)
+def _iban_span(text, m):
+    candidate = m.group(0)
+    while len(candidate.replace(" ", "")) >= 15:  # the regex may swallow a following word: back off
+        if iban_ok(candidate):
+            return m.start(), m.start() + len(candidate)
+        candidate = candidate[:-1].rstrip()
+    return None
 
 
-def _sub_card(m):
+def _card_groups_ok(number: str) -> bool:
+    """Printed as cards are: no separators, or one kind of separator between groups of four
+    (the last one shorter), or Amex's 4-6-5 and Diners' 4-6-4."""
+    seps = set(re.findall(r"[ -]", number))
+    lengths = [len(g) for g in re.split(r"[ -]", number)]
+    return not seps or (len(seps) == 1 and (all(n == 4 for n in lengths[:-1]) and lengths[-1] <= 4
+                                            or lengths in ([4, 6, 5], [4, 6, 4])))
+
+
+def _card_span(text, m):
     digits = re.sub(r"\D", "", m.group(0))
-    return PLACEHOLDER["card"] if 13 <= len(digits) <= 19 and luhn_ok(digits) else m.group(0)
+    # ISO/IEC 7812: the payment card issuers' industry digits are 2 to 6
+    ok = digits[0] in "23456" and luhn_ok(digits) and _card_groups_ok(m.group(0))
+    return m.span() if ok else None
 
 
-def _sub_ipv6(m):
-    text = m.group(0)
-    if not re.search(r"[0-9A-Fa-f]", text):
-        return text
+def _ipv4_span(text, m):
+    return None if _NOT_IP_BEFORE.search(text, 0, m.start()) else m.span()
+
+
+def _ipv6_span(text, m):
     try:
-        ipaddress.IPv6Address(text)
+        ipaddress.IPv6Address(m.group(0))
     except ValueError:
-        return text
-    return PLACEHOLDER["ip"]
+        return None
+    return m.span()
 
 
-def _sub_phone(m):
-    text = m.group(0)
-    digits = re.sub(r"\D", "", text)
-    if not 7 <= len(digits) <= 15 or _DATE.fullmatch(text):
-        return text
-    if text.startswith("+") or "(" in text or _PHONE_PLAIN.fullmatch(text):
-        return PLACEHOLDER["phone"]
-    return text
+def _phone_span(text, m):
+    """International numbers (+CC or 00CC) of 8 to 15 digits; national ones in a shape only
+    phones have (3-3-4, trunk prefix + area code); any 7 to 15 digits after a phone word."""
+    number = m.group(0)
+    n = sum(ch.isdigit() for ch in number)
+    if _DATE.fullmatch(number):
+        return None
+    if number.startswith("+") or number.startswith("00"):
+        ok = 8 <= n - 2 * number.startswith("00") <= 15
+    elif _PHONE_WORDS.search(text, max(0, m.start() - 40), m.start()):
+        ok = 7 <= n <= 15
+    else:
+        ok = bool(_PHONE_NANP.fullmatch(number)) or (bool(_PHONE_TRUNK.fullmatch(number)) and 9 <= n <= 12)
+    return m.span() if ok else None
 
 
-_RULES = {
-    "email": [(_EMAIL, lambda m: PLACEHOLDER["email"])],
-    "iban": [(_IBAN, _sub_iban)],
-    "card": [(_CARD, _sub_card)],
-    "ssn": [(_SSN, lambda m: PLACEHOLDER["ssn"])],
-    "ip": [(_IPV4, lambda m: PLACEHOLDER["ip"]), (_IPV6, _sub_ipv6)],
-    "phone": [(_PHONE, _sub_phone)],
-}
+# (kind, pattern, span of a match or None): applied in this order, each on the text with the
+# spans found so far blanked, so that a card number is not also taken for a phone number
+_RULES = (
+    ("email", _EMAIL, lambda text, m: m.span()),
+    ("iban", _IBAN, _iban_span),
+    ("card", _CARD, _card_span),
+    ("ssn", _SSN, lambda text, m: m.span()),
+    ("ip", _IPV6, _ipv6_span),
+    ("ip", _IPV4, _ipv4_span),
+    ("phone", _PHONE, _phone_span),
+)
 
 
 def parse_kinds(value: str) -> tuple[str, ...]:
@@ -568,16 +605,25 @@ def parse_kinds(value: str) -> tuple[str, ...]:
     return kinds
 
 
+def find_pii(text: str, kinds=KINDS) -> list[tuple[int, int, str]]:
+    """The PII of ``kinds`` in ``text``: sorted, non-overlapping ``(start, end, kind)``."""
+    spans = []
+    for kind, pattern, span_of in _RULES:
+        if kind not in kinds:
+            continue
+        found = [s for s in (span_of(text, m) for m in pattern.finditer(text)) if s]
+        for start, end in found:
+            spans.append((start, end, kind))
+            text = text[:start] + "\0" * (end - start) + text[end:]  # blanked for the next rules
+    return sorted(spans)
+
+
 def redact_text(text: str, kinds=KINDS) -> tuple[str, dict]:
     """``text`` with the PII of ``kinds`` replaced by placeholders, and counts per kind."""
     counts = {k: 0 for k in kinds}
-    for kind in KINDS:  # the fixed order, so cards are not taken for phones
-        if kind not in kinds:
-            continue
-        for pattern, sub in _RULES[kind]:
-            before = text.count(PLACEHOLDER[kind])
-            text = pattern.sub(sub, text)
-            counts[kind] += text.count(PLACEHOLDER[kind]) - before
+    for start, end, kind in reversed(find_pii(text, kinds)):
+        text = text[:start] + PLACEHOLDER[kind] + text[end:]
+        counts[kind] += 1
     return text, counts
 
 
@@ -626,6 +672,31 @@ def redact_file(path, out, kinds=KINDS, on_invalid=None) -> dict:
     return {**stats, "counts": counts}
 
 
+# -- measuring the redactor ------------------------------------------------------------------
+PII_LABELLED = Path(__file__).resolve().parents[1] / "eval" / "pii_labelled.jsonl"
+
+
+def redaction_scores(path=PII_LABELLED) -> dict:
+    """Span-level precision and recall of ``find_pii`` per labelled type on a JSONL file of
+    ``{"text", "spans": [{"start", "end", "type"}]}`` (default: the shipped labelled set): a
+    found span counts when its start, end and kind equal a labelled span's."""
+    gold, found = set(), set()
+    for line_no, record in read_jsonl(path, "text"):
+        try:
+            gold |= {(line_no, s["start"], s["end"], s["type"]) for s in record.get("spans", [])}
+        except (KeyError, TypeError):
+            raise DataError(f"{path}:{line_no}", 'spans must be [{"start", "end", "type"}, ...]') from None
+        found |= {(line_no, *span) for span in find_pii(record["text"])}
+    scores = {}
+    for kind in sorted({g[3] for g in gold}):
+        g = {x for x in gold if x[3] == kind}
+        f = {x for x in found if x[3] == kind}
+        tp = len(g & f)
+        scores[kind] = {"precision": tp / len(f) if f else 1.0, "recall": tp / len(g),
+                        "labelled": len(g), "found": len(f), "correct": tp}
+    return scores
+
+
 # -- the command line ----------------------------------------------------------------------
 def add_data_parser(subparsers):
     """Add ``data check|stats|dedup|redact`` to an argparse sub-parser set; returns the parser."""
@@ -655,8 +726,11 @@ def add_data_parser(subparsers):
     d.add_argument("--seed", type=int, default=0)
 
     r = sub.add_parser("redact", help="replace emails, phones, cards, IBANs, IPs, SSNs")
-    r.add_argument("file")
-    r.add_argument("--out", required=True)
+    r.add_argument("file", nargs="?", help="the JSONL file to redact (with --score: a labelled set)")
+    r.add_argument("--out", help="the redacted file to write (required unless --score)")
+    r.add_argument("--score", action="store_true",
+                   help="print the redactor's span-level precision and recall per kind on the shipped "
+                        "labelled set (or on FILE, lines {text, spans: [{start, end, type}]})")
     r.add_argument("--kinds", default=",".join(KINDS), help=f"comma list of {','.join(KINDS)}")
 
     for action in (c, s, d, r):
@@ -677,6 +751,8 @@ def rejects_path(args) -> Path | None:
         if args.rejects:
             raise UsageError("--rejects", "goes with --skip-invalid")
         return None
+    if not args.file:
+        raise UsageError("--skip-invalid", "give the FILE to read")
     src = Path(args.file)
     beside = Path(getattr(args, "out", None) or src).parent
     path = Path(args.rejects) if args.rejects else beside / f"{src.stem}.rejects.jsonl"
@@ -719,6 +795,18 @@ def _data_dedup(args, say, on_invalid):
 
 
 def _data_redact(args, say, on_invalid):
+    if args.score:
+        if args.skip_invalid or args.out:
+            raise UsageError("--score", "reads a labelled set and writes nothing: drop --out/--skip-invalid")
+        path = args.file or PII_LABELLED
+        say(f"redactor on {path} (span level: start, end and kind must match)")
+        say(f"  {'kind':<6} {'precision':>9} {'recall':>7} {'labelled':>9} {'found':>6} {'correct':>8}")
+        for kind, v in redaction_scores(path).items():
+            say(f"  {kind:<6} {v['precision']:>9.3f} {v['recall']:>7.3f} {v['labelled']:>9} "
+                f"{v['found']:>6} {v['correct']:>8}")
+        return
+    if not args.file or not args.out:
+        raise UsageError("data redact", "give FILE and --out OUT (or --score)")
     kinds = parse_kinds(args.kinds)
     res = redact_file(args.file, args.out, kinds, on_invalid=on_invalid)
     say(f"redacted {res['changed']:,} of {res['records']:,} records: "
