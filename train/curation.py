@@ -12,6 +12,8 @@
     redact  emails, phone numbers, card numbers (Luhn-valid only), IBANs (mod-97 valid only),
             IPv4/IPv6 addresses and SSN-like ids in every string of every record, replaced by
             [EMAIL] [PHONE] [CARD] [IBAN] [IP] [SSN]; counts per kind; OUT written atomically.
+            --score prints span-level precision and recall per kind on the labelled set
+            eval/pii_labelled.jsonl (made by scripts/make_pii_labelled.py).
 
 With --skip-invalid, every action skips malformed lines instead of refusing the file:
 they are counted in the summary and written to a rejects file (--rejects, default
