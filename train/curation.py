@@ -558,7 +558,7 @@ def _card_span(text, m):
 
 
 def _ipv4_span(text, m):
-    return None if _NOT_IP_BEFORE.search(text, 0, m.start()) else m.span()
+    return None if _NOT_IP_BEFORE.search(text, max(0, m.start() - 64), m.start()) else m.span()
 
 
 def _ipv6_span(text, m):
@@ -607,6 +607,16 @@ def parse_kinds(value: str) -> tuple[str, ...]:
     return kinds
 
 
+def _splice(text: str, spans, fill) -> str:
+    """``text`` with each of the ordered, disjoint ``spans`` (start, end, ...) replaced by
+    ``fill(span)``, in one pass."""
+    out, pos = [], 0
+    for span in spans:
+        out += [text[pos:span[0]], fill(span)]
+        pos = span[1]
+    return "".join(out) + text[pos:]
+
+
 def find_pii(text: str, kinds=KINDS) -> list[tuple[int, int, str]]:
     """The PII of ``kinds`` in ``text``: sorted, non-overlapping ``(start, end, kind)``."""
     spans = []
@@ -614,19 +624,16 @@ def find_pii(text: str, kinds=KINDS) -> list[tuple[int, int, str]]:
         if kind not in kinds:
             continue
         found = [s for s in (span_of(text, m) for m in pattern.finditer(text)) if s]
-        for start, end in found:
-            spans.append((start, end, kind))
-            text = text[:start] + "\0" * (end - start) + text[end:]  # blanked for the next rules
+        spans += [(start, end, kind) for start, end in found]
+        text = _splice(text, found, lambda s: "\0" * (s[1] - s[0]))  # blanked for the next rules
     return sorted(spans)
 
 
 def redact_text(text: str, kinds=KINDS) -> tuple[str, dict]:
     """``text`` with the PII of ``kinds`` replaced by placeholders, and counts per kind."""
-    counts = {k: 0 for k in kinds}
-    for start, end, kind in reversed(find_pii(text, kinds)):
-        text = text[:start] + PLACEHOLDER[kind] + text[end:]
-        counts[kind] += 1
-    return text, counts
+    spans = find_pii(text, kinds)
+    counts = {k: sum(s[2] == k for s in spans) for k in kinds}
+    return _splice(text, spans, lambda s: PLACEHOLDER[s[2]]), counts
 
 
 def redact_value(value, kinds, counts: dict):
