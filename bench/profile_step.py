@@ -15,6 +15,7 @@ import time
 import torch
 
 from leantune.bench import e2e
+from leantune.peft_core.build import compute_dtype_for
 
 
 def main(argv=None) -> int:
@@ -27,11 +28,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="compute dtype (auto: bf16 on a GPU and on a CPU with native bf16, else fp32)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     model_dir, name = e2e.resolve_model(args)
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = str(compute_dtype_for(args.dtype, device)).removeprefix("torch.")
     spec = e2e.StepSpec(model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
-                        dtype="bfloat16" if cuda else "float32", device="cuda" if cuda else "cpu")
+                        dtype=dtype, device=device.type)
     e2e._import_provider(args.provider)
     step, _ = (e2e._setup_peer(spec) if args.provider == "peer"
                else e2e._setup_leantune(spec, graphs=args.provider == "leantune-graphs"))
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
         step()
         sync()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"{args.provider} {name} B={args.batch} T={args.seq} r={args.rank}: "
+    print(f"{args.provider} {name} {dtype} B={args.batch} T={args.seq} r={args.rank}: "
           f"step {wall * 1e3:.1f} ms wall")
     if cuda:
         dev_us = sum(e.self_device_time_total for e in prof.key_averages())

@@ -1,0 +1,86 @@
+"""quant/lora_mixed.py: the LoRA products of bf16 activations with fp32 weights (C kernels and
+the PyTorch spec) against float64, and the fused 4-bit Function on a bf16 base with them."""
+import pytest
+import torch
+
+from leantune.quant import lora_mixed
+from leantune.quant.fused_lora import lora_4bit
+from leantune.quant.modules import Linear4bit
+
+needs_c = pytest.mark.skipif(lora_mixed._LOADER.get() is None, reason="no C compiler")
+
+
+def bf16(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def f32(*shape, seed, scale=0.1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+SHAPES = [(1, 8, 1), (7, 33, 3), (64, 576, 16), (5, 1100, 8), (130, 1536, 64)]  # M, n, r (past the chunks)
+
+
+@needs_c
+@pytest.mark.parametrize("M,n,r", SHAPES)
+def test_down_and_tgrad_match_float64(M, n, r):
+    x, W, u = bf16(M, n, seed=1), f32(r, n, seed=2), f32(M, r, seed=3)
+    assert lora_mixed.applies(x, W)
+    want = x.double() @ W.double().t()
+    got = lora_mixed.down(x, W)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    want = 0.5 * u.double().t() @ x.double()
+    got = lora_mixed.tgrad(u, x, 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_c
+@pytest.mark.parametrize("M,n,r", SHAPES)
+def test_up_rounds_once_to_bf16(M, n, r):
+    y, u, V = bf16(M, n, seed=4), f32(M, r, seed=5), f32(r, n, seed=6)
+    exact = (y.double() + 2.0 * u.double() @ V.double())
+    got = lora_mixed.up(y, u, V, 2.0)
+    assert got.dtype == torch.bfloat16 and got.shape == y.shape
+    # one rounding of a value within fp32 error of the exact sum: at most one bf16 ulp off
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all()
+    spec = y.float().addmm_(u, V, alpha=2.0).bfloat16()
+    assert (got != spec).float().mean() < 0.01  # ties of the two roundings only
+
+
+@needs_c
+def test_spec_path_is_the_same_math(monkeypatch):
+    x, W, u, V = bf16(9, 70, seed=7), f32(4, 70, seed=8), f32(9, 4, seed=9), f32(4, 70, seed=10)
+    fast = (lora_mixed.down(x, W), lora_mixed.tgrad(u, x, 0.3), lora_mixed.up(x, u, V, 0.3))
+    monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    assert not lora_mixed.applies(x, W)
+    ref = (lora_mixed.down(x, W), lora_mixed.tgrad(u, x, 0.3), lora_mixed.up(x, u, V, 0.3))
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-2 if a.dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fused_4bit_lora_on_a_bf16_base_keeps_fp32_adapter_math(backend, monkeypatch):
+    """Output and every gradient of the fused Function with bf16 x and fp32 A, B equal the
+    float64 math on the same (dequantized) weights, within bf16 rounding of the outputs."""
+    if backend == "reference":
+        monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(torch.nn.Linear(96, 80, bias=False), "nf4", 32, True, torch.bfloat16)
+    x = bf16(3, 5, 96, seed=11).requires_grad_()
+    A = f32(8, 96, seed=12).requires_grad_()
+    B = f32(80, 8, seed=13).requires_grad_()
+    g = bf16(3, 5, 80, seed=14)
+    y = lora_4bit(x, q.weight, q.quant_state, None, A, B, 2.0)
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    w = q.dequantize(torch.float32).double()
+    x64 = x.detach().double().requires_grad_()
+    A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    y64 = x64 @ w.t() + 2.0 * (x64 @ A64.t()) @ B64.t()
+    y64.backward(g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2, atol=2e-2)
+    # the adapter's gradients come from fp32 products of the bf16 tensors: fp32-close
+    torch.testing.assert_close(A.grad.double(), A64.grad, rtol=1e-4, atol=1e-4 * A64.grad.abs().max().item())
+    torch.testing.assert_close(B.grad.double(), B64.grad, rtol=1e-4, atol=1e-4 * B64.grad.abs().max().item())
