@@ -392,6 +392,10 @@ def main(argv=None) -> int:
             return 0
         if getattr(args, "func", None) is None:
             raise UsageError(PROG, "give a sub-command (see 'leantune --help')")
+        if getattr(args, "model_dir", None):  # org/name: the local Hugging Face cache's snapshot
+            from leantune.peft_core.build import resolve_model_dir
+
+            args.model_dir = str(resolve_model_dir(args.model_dir))
         args.func(args)
         return 0
     except LeantuneError as e:

@@ -79,3 +79,25 @@ def test_absent_is_one_line_exit_4(no_hf_env, monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "never downloads" in err and "models--org--missing" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["generate", "org/tiny", "--prompt", "hi", "--max-new-tokens", "2"],
+                                  ["export-gguf", "org/tiny", "OUT.gguf"]])
+def test_model_dir_arguments_of_the_cli_resolve_from_the_cache(no_hf_env, monkeypatch, tmp_path, capsys, argv):
+    from tests.helpers import tiny_model_dir
+
+    repo = tmp_path / "hc" / "models--org--tiny"
+    tiny_model_dir(repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hc"))
+    assert main(argv) == 0
+    if argv[0] == "export-gguf":
+        assert (tmp_path / "OUT.gguf").stat().st_size > 0
+
+
+def test_a_missing_cli_model_says_where_it_looked(no_hf_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hc"))
+    assert main(["generate", "org/none", "--prompt", "hi"]) == 4
+    err = capsys.readouterr().err
+    assert "never downloads" in err and str(tmp_path / "hc") in err
