@@ -233,7 +233,7 @@ def cmd_config(args):
 def cmd_demo(args):
     from leantune.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, log=_log)
+    run_demo(out=args.out, quick=args.quick, log=_log, compute_dtype=args.compute_dtype)
 
 
 _LOG = {"format": "text"}  # --log-format: "json" makes every stdout line a JSON object
@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the embedded default: fine-tune SmolLM2, evaluate, report")
     s.add_argument("--out", default="runs/demo", help="the output folder")
     s.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    s.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 on a CPU with native bf16 (avx512_bf16 / AMX) or a GPU, else fp32")
     s.set_defaults(func=cmd_demo)
     _fill_help(p)
     return p

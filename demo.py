@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 DEMO_CONFIG = {
-    "model": {"quant": "nf4", "compute_dtype": "float32"},
+    "model": {"quant": "nf4", "compute_dtype": "auto"},  # bf16 on a CPU with native bf16
     "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
     "data": {"max_len": 256, "format": "messages", "pack": True, "mask_prompt": True},
     "train": {"seed": 0, "lr": 1e-3, "max_steps": 50, "batch_size": 6, "grad_accum": 1,
@@ -40,7 +40,7 @@ def _toml(conf: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out="runs/demo", quick: bool = False, log=print) -> dict:
+def run_demo(out="runs/demo", quick: bool = False, log=print, compute_dtype: str = "auto") -> dict:
     from leantune.eval.runner import run_eval
     from leantune.peft_core.embedded import default_model_dir
     from leantune.peft_core.quant_checkpoint import quantize_checkpoint
@@ -64,6 +64,7 @@ def run_demo(out="runs/demo", quick: bool = False, log=print) -> dict:
 
     paths = write_task(out / "data", n_train=N_TRAIN, n_eval=N_EVAL, seed=0)
     conf = {k: dict(v) for k, v in DEMO_CONFIG.items()}
+    conf["model"]["compute_dtype"] = compute_dtype
     conf["model"]["path"] = str(q_dir)
     conf["data"].update(train=str(paths["train"]), eval=str(paths["heldout"]))
     conf["eval"]["data"] = str(paths["heldout"])
