@@ -110,9 +110,22 @@ class TrainSection:
     beta: float = key(0.1, "DPO's beta: how far the policy may move from the reference", "dpo")
     gamma: float = key(0.5, "SimPO's target reward margin (loss_type = \"simpo\" only)", "dpo")
     reference_adapter: str = key("", 'a frozen SFT adapter folder as the reference (the trained\n'
-                                     'adapter starts as a copy of it); "" = the base, adapter off', "dpo")
+                                     'adapter starts as a copy of it); "" = the base, adapter off', ("dpo", "grpo"))
     precompute_ref: bool = key(False, "reference log-probs computed once before training, cached\n"
                                       "under OUT/cache", "dpo")
+    group_size: int = key(4, "completions sampled for each prompt: the group whose rewards are\n"
+                             "normalised into advantages", "grpo")
+    max_new_tokens: int = key(64, "tokens a sampled completion at most", "grpo")
+    temperature: float = key(1.0, "sampling temperature (> 0); the log-probs are of logits / temperature", "grpo")
+    top_p: float = key(1.0, "nucleus sampling, in (0, 1]", "grpo")
+    kl_beta: float = key(0.04, "weight of the per-token KL to the reference; 0 = no KL term", "grpo")
+    clip_eps: float = key(0.2, "the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]", "grpo")
+    reward: list = key(["json_field_acc"], 'metrics of a completion against the record\'s reference, summed:\n'
+                                           '"json_field_acc" | "json_exact" | other "json_*" keys | "exact" |\n'
+                                           '"contains" | "regex" (the record\'s "regex" field)', "grpo")
+    reward_weights: list = key([], "one weight per reward metric; [] = 1.0 each", "grpo")
+    reward_fn: str = key("", '"module:function" or "file.py:function" called as\n'
+                             'f(prompt, completion, reference) -> float; replaces `reward`', "grpo")
     seed: int = key(0, "data order, dropout and init")
     lr: float = key(2e-4, "peak learning rate")
     max_steps: int = key(0, "optimizer steps; 0 = run `epochs` epochs")
@@ -184,19 +197,21 @@ LIST_CHOICES = {("train", "report_to"): ("csv", "tensorboard")}
 POSITIVE = {("adapter", "r"), ("adapter", "alpha"), ("train", "lr"), ("data", "max_len"), ("train", "batch_size"), ("train", "grad_accum"),
             ("train", "epochs"), ("model", "blocksize"), ("train", "loss_chunk"),
             ("eval", "max_new_tokens"), ("eval", "batch_size"), ("train", "max_nan_steps"),
-            ("train", "beta")}
+            ("train", "beta"), ("train", "max_new_tokens"), ("train", "temperature"),
+            ("train", "clip_eps")}
 NON_NEGATIVE = {("train", "max_steps"), ("train", "warmup_steps"), ("train", "save_every"),
                 ("train", "eval_every"), ("train", "weight_decay"), ("train", "clip"),
                 ("eval", "shots"), ("eval", "max_items"), ("train", "seed"),
                 ("train", "log_every"), ("train", "keep_checkpoints"), ("eval", "kl_threshold"),
-                ("adapter", "loftq_iters"), ("train", "gamma")}
+                ("adapter", "loftq_iters"), ("train", "gamma"), ("train", "kl_beta")}
 # inclusive integer bounds (ints not named here: at most INT_MAX); every float must be finite
 INT_RANGES = {("data", "max_len"): (2, 2**20), ("train", "batch_size"): (1, 2**16),
               ("train", "grad_accum"): (1, 2**16), ("adapter", "r"): (1, 2**16),
               ("model", "blocksize"): (16, 2**16), ("train", "loss_chunk"): (1, 2**24),
               ("eval", "max_new_tokens"): (1, 2**20), ("eval", "batch_size"): (1, 2**16),
               ("train", "seed"): (0, 2**63 - 1), ("eval", "shots"): (0, 2**10),
-              ("train", "epochs"): (1, 2**20), ("adapter", "loftq_iters"): (1, 2**10)}
+              ("train", "epochs"): (1, 2**20), ("adapter", "loftq_iters"): (1, 2**10),
+              ("train", "group_size"): (2, 2**12), ("train", "max_new_tokens"): (1, 2**16)}
 INT_MAX = 2**40
 FRACTION = {("adapter", "dropout")}  # in [0, 1)
 
@@ -369,7 +384,7 @@ def check_objective(cfg: Config, path: str):
     """The objective's own rules (one line naming the key, exit 2)."""
     t = cfg.train
     if t.objective == "grpo":
-        raise UsageError(f"{path}: train.objective", '"grpo" is not implemented yet; use "sft" or "dpo"')
+        check_grpo(t, path)
     if t.objective != "dpo":
         return
     if t.reference_adapter and t.loss_type == "simpo":
@@ -380,6 +395,29 @@ def check_objective(cfg: Config, path: str):
                                                           "set precompute_ref = true")
     if cfg.adapter.kind == "none" and t.reference_adapter:
         raise UsageError(f"{path}: train.reference_adapter", 'needs an adapter (adapter.kind is "none")')
+
+
+def check_grpo(t, path: str):
+    """GRPO's keys beyond their types and ranges."""
+    from leantune.train.rewards import REWARD_METRICS, load_reward_fn
+
+    if not 0.0 < t.top_p <= 1.0:
+        raise UsageError(f"{path}: train.top_p", f"must be in (0, 1], got {t.top_p!r}")
+    if not 0.0 < t.clip_eps < 1.0:
+        raise UsageError(f"{path}: train.clip_eps", f"must be in (0, 1), got {t.clip_eps!r}")
+    if not t.reward and not t.reward_fn:
+        raise UsageError(f"{path}: train.reward", "is empty: name a metric, or set train.reward_fn")
+    for name in t.reward:
+        if name not in REWARD_METRICS:
+            raise UsageError(f"{path}: train.reward", f"{name!r} is not one of {', '.join(REWARD_METRICS)}"
+                             + _suggest(str(name), REWARD_METRICS))
+    w = t.reward_weights
+    if w and len(w) != len(t.reward):
+        raise UsageError(f"{path}: train.reward_weights", f"has {len(w)} weights for {len(t.reward)} metrics")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in w):
+        raise UsageError(f"{path}: train.reward_weights", f"must be finite numbers, got {w!r}")
+    if t.reward_fn:
+        load_reward_fn(t.reward_fn, f"{path}: train.reward_fn")
 
 
 # -- the default config as commented TOML (``leantune config``, the README's block) ----------

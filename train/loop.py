@@ -80,7 +80,7 @@ def build_model(cfg: Config, model_dir: Path, device, dtype):
     if acfg is None:
         for p in model.parameters():
             p.requires_grad_(True)
-    elif cfg.train.objective == "dpo" and cfg.train.reference_adapter:
+    elif cfg.train.objective in ("dpo", "grpo") and cfg.train.reference_adapter:
         from leantune.train.dpo import load_reference_adapter
 
         load_reference_adapter(model, cfg.train.reference_adapter)  # the trained adapter: a copy
@@ -160,6 +160,10 @@ def build_data(cfg: Config, tok, run_dir: Path, log) -> _Data:
         from leantune.train.preference import build_pair_data
 
         return _Data(*build_pair_data(cfg, tok, log))
+    if cfg.train.objective == "grpo":  # prompts, each with its reference for the reward
+        from leantune.train.grpo import build_prompt_data
+
+        return _Data(*build_prompt_data(cfg, tok, log))
     cache = run_dir / "cache"
     examples, summary = build_examples(cfg.data.train, tok, cfg.data.format, cfg.data.max_len,
                                        cfg.data.mask_prompt, cfg.data.mask_mode, cache_dir=cache)
@@ -244,7 +248,7 @@ class _Run:
     last_loss: float = float("nan")
     interrupted: bool = False
     manifest: dict = field(default_factory=dict)
-    objective: object = None  # train.dpo.DPOObjective for objective "dpo"; None: SFT
+    objective: object = None  # train.dpo.DPOObjective ("dpo"), train.grpo.GRPOObjective ("grpo"); None: SFT
 
     @property
     def metrics_path(self) -> Path:
@@ -637,6 +641,10 @@ def _train(cfg: Config, resume, log, tokenizer, on_step, ranks: Ranks, run_dir: 
 
         run.objective = make_objective(cfg, model, data.plan, run_dir, identity["base_model_sha256"],
                                        dtype, device, log)
+    elif cfg.train.objective == "grpo":
+        from leantune.train.grpo import make_objective as make_grpo
+
+        run.objective = make_grpo(cfg, tok, data.plan, log)
     restore(run, resume, log)
     step_loop(run, data, on_step, log, log_format)
     if not run.interrupted:
