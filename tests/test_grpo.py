@@ -336,3 +336,17 @@ def score(prompt, completion, reference):
     out = Path(cfg.train.out)
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert [r["step"] for r in read_rows(out)] == [1, 2]
+
+
+def test_cli_reward_error_is_one_line_and_exit_3(tmp_path):
+    import subprocess
+    import sys
+
+    fn = write_module(tmp_path, "def score(p, c, r):\n    return None\n", "none_reward")
+    cfg = write_config(tmp_path, "cli", reward_fn=f"{fn}:score", max_steps=1)
+    res = subprocess.run([sys.executable, "-m", "leantune", "train", str(cfg)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert res.returncode == 3, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("leantune: error: ") and "Traceback" not in res.stderr
+    assert "prompts.jsonl:" in err[0] and f"{fn}:score returned None, not a finite number" in err[0]
