@@ -213,3 +213,21 @@ def test_repeat_kv_is_repeat_interleave_on_the_head_axis():
     t = torch.randn(2, 3, 5, 4)
     for rep in (1, 2, 4):
         assert torch.equal(_repeat_kv(t, rep), t.repeat_interleave(rep, dim=1))
+
+
+def test_a_shared_prefix_is_prefilled_once_with_the_same_outputs(monkeypatch):
+    """Few-shot prompts share their examples: the prefix runs once (batch 1) and its keys and
+    values are copied to every row; outputs equal each prompt generated alone."""
+    from leantune.peft_core import generate as gen
+
+    model = tiny_model("llama", seed=12).eval()
+    shots = list(range(1, 40))
+    prompts = [shots + [50, 51, 52], shots + [60], shots + [70, 71, 72, 73, 74], shots + [80, 81]]
+    assert gen.shared_prefix(prompts) == 39 and gen.shared_prefix(prompts[:1]) == 0
+    assert gen.shared_prefix([[1] * 20, [1] * 20]) == 19  # a row keeps a token of its own
+    alone = [generate(model, [p], 10)[0] for p in prompts]
+    seen = []
+    orig = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda ids, *a: seen.append(tuple(ids.shape)) or orig(ids, *a))
+    assert generate(model, prompts, 10) == alone
+    assert seen[0] == (1, 39) and seen[1] == (4, 5)  # the prefix once, then the padded suffixes
