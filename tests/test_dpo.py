@@ -311,3 +311,37 @@ def test_dpo_config_errors_name_the_key(tmp_path, key, value, what):
     with pytest.raises(UsageError) as e:
         dpo_config(tmp_path, "bad", **{key: value})
     assert f"train.{key}" in e.value.where and what in e.value.what and e.value.exit_code == 2
+
+
+# -- data check | stats on preference files ------------------------------------------------
+def test_data_check_flags_pair_problems(tmp_path, capsys):
+    from leantune.cli import main
+
+    tok_dir = byte_tokenizer_files(tmp_path / "tok")
+    p = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "a", "chosen": "good answer", "rejected": "bad"},
+        {"prompt": "b", "chosen": "same", "rejected": "same"},
+        {"prompt": "c", "chosen": "x"},
+        {"prompt": "d" * 40, "chosen": "y", "rejected": "z"},
+        {"prompt": "e", "chosen": "", "rejected": "z"},
+    ])
+    assert main(["data", "check", str(p), "--tokenizer", str(tok_dir), "--max-len", "16"]) == 3
+    out = capsys.readouterr().out
+    assert f"{p}:2: chosen and rejected are identical" in out
+    assert f"{p}:3: preference record is missing 'rejected'" in out
+    assert f"{p}:4: the prompt has 40 tokens and leaves no room in max_len=16" in out
+    assert f"{p}:5: field 'chosen' is empty" in out
+    assert "4 problem(s)" in out
+
+
+def test_data_stats_reports_length_bias(tmp_path, capsys):
+    from leantune.cli import main
+
+    p = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "x" * 10, "rejected": "y" * 4},
+                                               {"prompt": "q", "chosen": "x" * 6, "rejected": "y" * 8}])
+    assert main(["data", "stats", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "length bias (chars): mean chosen - rejected = +2.0" in out
+    assert main(["data", "stats", str(p), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["length_bias_chars"] == 2.0 and st["records"] == 2 and st["identical_pairs"] == 0

@@ -838,12 +838,21 @@ def cmd_data(args, out=None):
     path = rejects_path(args)
     rejects = None if path is None else Rejects()
     try:
-        _ACTIONS[action](args, lambda line="": print(line, file=out), rejects)
+        _action(action, args.file)(args, lambda line="": print(line, file=out), rejects)
     except DataError:
         _write_rejects(rejects, path, sys.stderr)
         raise
     _write_rejects(rejects, path, sys.stderr if getattr(args, "json", False) else out)
     return 0
+
+
+def _action(action: str, path):
+    """check / stats of a preference file (TRL's prompt / chosen / rejected) are its own."""
+    from leantune.train.preference_curation import PAIR_ACTIONS, is_preference_file
+
+    if action in PAIR_ACTIONS and is_preference_file(path):
+        return PAIR_ACTIONS[action]
+    return _ACTIONS[action]
 
 
 def _write_rejects(rejects, path, out):
