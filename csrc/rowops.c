@@ -285,3 +285,29 @@ LT_API void lt_rope_bf16(const uint16_t *x, int64_t sb, int64_t sh, int64_t st, 
             o[i] = lt_to_bf(lt_bf(xr[i]) * lt_bf(c[i]) + sign * lt_bf(xr[i - h]) * lt_bf(s[backward ? i - h : i]));
     }
 }
+
+/* The cross-entropy rows of bf16 logits: z (rows, V) bf16 is overwritten with
+ * bf16(softmax(z) - onehot(t)); lse and z[t] in fp32. The same fp32 math as lt_xent_rows_f32
+ * on the (exact) fp32 values of z, exp recomputed in the last pass instead of stored, so the
+ * result equals the fp32 kernel's rounded once to bf16, with no fp32 copy of the logits. */
+LT_API void lt_xent_rows_bf16(uint16_t *z, const int64_t *tgt, float *lse, float *zt, int64_t rows, int64_t V,
+                              int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows > 1)
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t *zi = z + i * V;
+        const int64_t t = tgt[i];
+        float m = lt_bf(zi[0]);
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < V; j++) m = lt_bf(zi[j]) > m ? lt_bf(zi[j]) : m;
+        zt[i] = lt_bf(zi[t]);
+        double s = 0.0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; j++) s += (double)lt_exp(lt_bf(zi[j]) - m);
+        lse[i] = m + (float)log(s);
+        const float inv = (float)(1.0 / s);
+        const float e_t = lt_exp(lt_bf(zi[t]) - m) * inv;
+#pragma omp simd
+        for (int64_t j = 0; j < V; j++) zi[j] = lt_to_bf(lt_exp(lt_bf(zi[j]) - m) * inv);
+        zi[t] = lt_to_bf(e_t - 1.0f);
+    }
+}

@@ -13,9 +13,10 @@ Math, for hidden states H (N, C), head weight W (V, C), targets y (N,):
     dZ = g * (softmax(Z) - onehot(y))
     dH = dZ W            dW = dZ^T H
 
-On the CPU (fp32) each chunk's per-row work (max, exp, sum, log, softmax - onehot) is one C
-kernel over L2-resident rows (``peft_core.rowops.xent_rows_``), and the buffers come from
-the host pool; elsewhere it is the same math in PyTorch ops.
+On the CPU each chunk's per-row work (max, exp, sum, log, softmax - onehot) is one C kernel
+over L2-resident rows (``quant.rowops.xent_rows_``; with bf16 products it reads and writes
+the bf16 logits in place, fp32 math inside, so no fp32 copy of them exists), and the buffers
+come from the host pool; elsewhere it is the same math in PyTorch ops.
 
 Precision: the products run in H's dtype (fp16/bf16 on tensor cores, as transformers computes
 its head before upcasting the logits) and everything per-logit (logsumexp, softmax, dZ) in
@@ -64,22 +65,25 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dh = (hostpool.empty_like(hidden) if cpu else torch.empty_like(hidden)) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         z_shape = (min(chunk, hidden.shape[0]), weight.shape[0])
-        z_buf = hostpool.empty(z_shape, acc) if cpu else torch.empty(z_shape, dtype=acc, device=hidden.device)
+        # bf16 products on the CPU: the C rows kernel reads and writes the bf16 logits in place
+        z_dt = mm if cpu and mm == torch.bfloat16 and rowops.xent_rows_takes(mm) else acc
+        z_buf = hostpool.empty(z_shape, z_dt) if cpu else torch.empty(z_shape, dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(mm)
             t = targets[s:s + chunk]
             # Z = H W^T, into one buffer reused by every chunk
             z = z_buf[:h.shape[0]]
-            if mm == acc:
+            if mm == z.dtype:
                 torch.mm(h, w_mm.T, out=z)
             else:
                 z.copy_(h @ w_mm.T)
-            fused = rowops.xent_rows_(z, t) if (need_h or need_w) else None
+            fused = rowops.xent_rows_(z, t) if (need_h or need_w or z.dtype != acc) else None
             if fused is not None:  # the C kernel: Z is now dZ = softmax(Z) - onehot(y)
                 lse, z_target = fused
                 total += (lse - z_target).sum()
                 dz = z
             else:
+                z = z.to(acc)  # (already acc unless the bf16 kernel was refused)
                 rows = torch.arange(h.shape[0], device=h.device)
                 # loss_i = logsumexp(Z_i) - Z_i[y_i], with logsumexp = m + log(sum(exp(Z - m)))
                 z_target = z[rows, t]

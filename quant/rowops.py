@@ -46,6 +46,7 @@ _LOADER = _Loader(SOURCE, {
     "lt_swiglu_fwd_bf16": (None, [_P, _P, _P, _I64, _INT]),
     "lt_swiglu_bwd_bf16": (None, [_P, _P, _P, _P, _P, _I64, _INT]),
     "lt_rope_bf16": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _INT, _INT]),
+    "lt_xent_rows_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _INT]),
 }, what="C row kernels")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -218,11 +219,17 @@ def apply_rope(x, cos, sin):
 
 
 # -- cross-entropy rows (the kernel of train/chunked_ce.py) ---------------------------------------
+def xent_rows_takes(dtype) -> bool:
+    """True when ``xent_rows_`` runs its C kernel on CPU logits of ``dtype``."""
+    return dtype in _SUFFIX and op_backend(torch.empty(0), cpu=_LOADER.get() is not None) == "cpu"
+
+
 def xent_rows_(z, targets):
-    """For logits z (n, V) fp32 and targets (n,): returns (lse, z_target) and overwrites z with
-    softmax(z) - onehot(targets), the gradient of each row's loss; None when the C kernel
-    cannot run (the caller computes it with PyTorch ops)."""
-    if not (z.dtype == torch.float32 and _c_kernel("xent_rows", z) is not None and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
+    """For logits z (n, V) fp32 or bf16 and targets (n,): returns (lse, z_target) in fp32 and
+    overwrites z with softmax(z) - onehot(targets), the gradient of each row's loss (fp32 math;
+    bf16 z: rounded once); None when the C kernel cannot run (the caller computes it with
+    PyTorch ops)."""
+    if not (_c_kernel("xent_rows", z) is not None and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
             and targets.shape[0] == z.shape[0] and z.shape[1] > 0):
         return None
     t = targets.to(torch.int64).contiguous()

@@ -313,3 +313,49 @@ def test_rope_bf16_kernel(monkeypatch):
     _check_bf16(c, ref, (y64.detach(), dx64))
     # the C path really ran: its Function is in the graph
     assert type(rowops.apply_rope(x.clone().requires_grad_(), cos, sin).grad_fn).__name__.startswith("RoPEFunction")
+
+
+@needs_c
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=["normal", "large-logits"])
+def test_xent_rows_bf16_is_the_fp32_kernel_rounded_once(scale):
+    """bf16 logits in place: lse and z[t] as the fp32 kernel computes them on the same (exact)
+    values, the gradient rows equal to its result rounded once to bf16."""
+    gen = torch.Generator().manual_seed(5)
+    z = (torch.randn(37, 1003, generator=gen) * scale).bfloat16()
+    t = torch.randint(0, 1003, (37,), generator=gen)
+    z32 = z.float()
+    lse32, zt32 = rowops.xent_rows_(z32, t)
+    zb = z.clone()
+    lse, zt = rowops.xent_rows_(zb, t)
+    assert zb.dtype == torch.bfloat16
+    torch.testing.assert_close(lse, lse32, rtol=0, atol=0)
+    torch.testing.assert_close(zt, zt32, rtol=0, atol=0)
+    torch.testing.assert_close(zb, z32.bfloat16(), rtol=0, atol=0)
+
+
+@needs_c
+def test_chunked_ce_bf16_keeps_no_fp32_logits_and_matches_float64(monkeypatch):
+    """bf16 hidden states: the C rows kernel works on the bf16 logits buffer; loss and
+    gradients agree with float64 as the PyTorch path's (fp32 logits) do."""
+    from leantune.quant import chunked_ce, hostpool
+
+    gen = torch.Generator().manual_seed(12)
+    h = torch.randn(70, 24, generator=gen).bfloat16()
+    w = torch.randn(1003, 24, generator=gen).bfloat16()
+    y = torch.randint(0, 1003, (70,), generator=gen)
+    dtypes = []
+    real = hostpool.empty
+    monkeypatch.setattr(chunked_ce.hostpool, "empty", lambda shape, dtype=torch.float32: dtypes.append(dtype) or real(shape, dtype))
+
+    def run():
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = chunked_ce.chunked_cross_entropy(hh, ww, y, 32)
+        return (loss, *torch.autograd.grad(loss, (hh, ww)))
+
+    c, ref = _both_paths(run, monkeypatch)
+    assert dtypes[0] == torch.bfloat16  # the logits buffer of the C path
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    want = F.cross_entropy(h64 @ w64.T, y, reduction="sum")
+    wh, ww = torch.autograd.grad(want, (h64, w64))
+    for got, eager, exact in zip(c, ref, (want.detach(), wh, ww)):
+        assert _err(got, exact) <= 1.5 * _err(eager, exact) + 1e-6
