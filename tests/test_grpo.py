@@ -225,7 +225,7 @@ def write_config(tmp_path, name="run", data=None, **train_over):
     train_keys.update(train_over)
     conf = {"model": {"path": str(model), "quant": "none", "compute_dtype": "float32"},
             "adapter": {"kind": "lora", "r": 4, "alpha": 8},
-            "data": {"train": str(data), "max_len": 64},
+            "data": {"train": str(data), "eval": str(data), "max_len": 64},
             "train": train_keys}
     text = "".join(f"[{sec}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in vals.items())
                    for sec, vals in conf.items())
@@ -287,16 +287,17 @@ def test_grpo_run_logs_trl_metrics_and_resumes_bit_exact(tmp_path):
 
     # a random model writes no JSON: a reward that varies with what it does write
     fn = write_module(tmp_path, "def score(p, c, r):\n    return sum(ord(x) % 7 for x in c) / (1 + len(c))\n")
-    full = load_config(write_config(tmp_path, "full", reward_fn=f"{fn}:score"))
+    full = load_config(write_config(tmp_path, "full", reward_fn=f"{fn}:score", eval_every=2))
     train(full, log=lambda m: None)
     rows = read_rows(full.train.out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for name in METRICS:
         assert name in rows[0] and rows[0][name] is not None, name
     assert rows[0]["completions"] == 12 and rows[0]["kl"] == 0.0  # fresh adapter: policy == reference
+    assert "eval_reward" in rows[1] and "eval_reward" not in rows[0]
     assert rows[0]["reward_std"] > 0 and rows[0]["grad_norm"] > 0 and rows[-1]["kl"] > 0
 
-    part = load_config(write_config(tmp_path, "part", reward_fn=f"{fn}:score"))
+    part = load_config(write_config(tmp_path, "part", reward_fn=f"{fn}:score", eval_every=2))
 
     def stop_at_2(step):
         if step == 2:
