@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from leantune.base import DataError, GateError, UsageError
-from leantune.peft_core.generate import generate
+from leantune.peft_core.generate import generate, shared_prefix
 from leantune.train.config import Config
 from leantune.train.data import BatchPlan, encode_record, read_jsonl, split_for_generation
 
@@ -90,8 +90,53 @@ def heldout_loss(model, tok, records: list[dict], fmt: str, max_len: int, batch_
     rows = [e for e in (encode_record(r, tok, fmt, max_len, True, "last_assistant") for r in records) if e]
     if not rows:
         return float("nan")
+    P = shared_prefix([r.input_ids for r in rows])
+    while P and any(r.labels[P] != -100 for r in rows):  # the prefix predicts no answer token
+        P -= 1
+    if P:
+        return prefix_loss(model, rows, P, batch_size, device)
     return eval_loss(model, BatchPlan(rows, batch_size, shuffle=False, pad_token_id=tok.pad_token_id),
                      1024, device)
+
+
+@torch.no_grad()
+def prefix_loss(model, rows, P: int, batch_size: int, device) -> float:
+    """``heldout_loss`` of rows that share their first P tokens (the few-shot examples): the
+    prefix runs once and its keys and values serve every row, whose own tokens follow it.
+    The same per-token losses as full forwards (position ids and causal masking unchanged)."""
+    from leantune.peft_core.model import KVCache, make_attn_mask
+    from leantune.quant.chunked_ce import chunked_cross_entropy
+
+    was = model.training
+    model.eval()
+    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
+    one = KVCache(cfg, 1, P, device, dtype)
+    model.model(torch.tensor([rows[0].input_ids[:P]], device=device), None, None, one)
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for s in range(0, len(order), batch_size):
+        batch = [rows[i] for i in order[s:s + batch_size]]
+        B, T = len(batch), max(len(r) for r in batch) - P
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        targets = torch.full((B, T), -100, dtype=torch.long, device=device)  # token t+1 of each row
+        keys = torch.zeros(B, P + T, dtype=torch.bool, device=device)
+        keys[:, :P] = True
+        for b, r in enumerate(batch):
+            n = len(r) - P
+            ids[b, :n] = torch.tensor(r.input_ids[P:], device=device)
+            targets[b, :n - 1] = torch.tensor(r.labels[P + 1:], device=device)
+            keys[b, P:P + n] = True
+        cache = KVCache(cfg, B, P + T, device, dtype)
+        for k, v, k1, v1 in zip(cache.k, cache.v, one.k, one.v):
+            k[:, :, :P], v[:, :, :P] = k1, v1
+        cache.length = P
+        positions = torch.arange(P, P + T, device=device).expand(B, T)
+        hidden = model.model(ids, positions, make_attn_mask(T, P + T, pad_mask=keys, device=device), cache)
+        keep = targets != -100
+        total += float(chunked_cross_entropy(hidden[keep], model.lm_head.weight, targets[keep], 1024))
+        count += int(keep.sum())
+    model.train(was)
+    return total / max(count, 1)
 
 
 @torch.no_grad()

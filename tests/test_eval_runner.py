@@ -79,3 +79,28 @@ def test_gate_exits_5(tuned_run):
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 5, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("leantune: error: eval.require_lift:")
+
+
+def test_prefix_loss_equals_the_full_forward_loss(tmp_path, monkeypatch):
+    """Few-shot records share their examples: the held-out loss computed with the prefix run
+    once equals the plain batched loss over full rows."""
+    import torch
+
+    from leantune.eval import runner
+    from leantune.peft_core.checkpoint import load_model
+    from leantune.peft_core.tokenizer import Tokenizer
+
+    model_dir = tiny_model_dir(tmp_path / "m", seed=4)
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch.float32)
+    shots = "Q: apple? A: red. Q: banana? A: yellow. Q: plum? A: purple. "
+    records = [{"prompt": shots + f"Q: {q}? A:", "completion": f" {a}."}
+               for q, a in [("kiwi", "green"), ("grape", "green or red"), ("fig", "brown"), ("lime", "green")]]
+    seen = []
+    real = runner.prefix_loss
+    monkeypatch.setattr(runner, "prefix_loss", lambda *a: seen.append(a[2]) or real(*a))
+    got = runner.heldout_loss(model, tok, records, "prompt_completion", 512, 3, torch.device("cpu"))
+    assert seen and seen[0] >= len(shots)  # the shared prefix took the shared path
+    monkeypatch.setattr(runner, "shared_prefix", lambda rows: 0)
+    want = runner.heldout_loss(model, tok, records, "prompt_completion", 512, 3, torch.device("cpu"))
+    assert abs(got - want) <= 1e-5 * abs(want)
