@@ -16,28 +16,7 @@ import json
 import time
 from pathlib import Path
 
-DEMO_CONFIG = {
-    "model": {"quant": "nf4", "compute_dtype": "auto"},  # bf16 on a CPU with native bf16
-    "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
-    "data": {"max_len": 256, "format": "messages", "pack": True, "mask_prompt": True},
-    "train": {"seed": 0, "lr": 1e-3, "max_steps": 50, "batch_size": 6, "grad_accum": 1,
-              "warmup_steps": 5, "schedule": "cosine", "clip": 1.0, "log_every": 1,
-              "save_every": 20},
-    "eval": {"metrics": ["loss", "json", "exact"], "baselines": ["base", "prompted"], "shots": 3,
-             "max_new_tokens": 72, "require_lift": 0.2, "batch_size": 20},
-}
-QUICK = {"train": {"max_steps": 4, "save_every": 0},
-         "eval": {"max_items": 4, "max_new_tokens": 24, "require_lift": -1.0}}
-N_TRAIN, N_EVAL = 2000, 60
-
-
-def _toml(conf: dict) -> str:
-    lines = []
-    for section, values in conf.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+from leantune.train.demo_task import DEMO_CONFIG, N_EVAL, N_TRAIN, QUICK, demo_toml as _toml  # noqa: F401
 
 
 def run_demo(out="runs/demo", quick: bool = False, log=print, compute_dtype: str = "auto") -> dict:

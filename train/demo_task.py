@@ -160,6 +160,32 @@ def write_task(out_dir, n_train: int = 2000, n_eval: int = 100, seed: int = 0) -
     return paths
 
 
+# -- the demo's run: its config (demo.py and the benches use it) ------------------------------
+DEMO_CONFIG = {
+    "model": {"quant": "nf4", "compute_dtype": "auto"},  # bf16 on a CPU with native bf16
+    "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+    "data": {"max_len": 256, "format": "messages", "pack": True, "mask_prompt": True},
+    "train": {"seed": 0, "lr": 1e-3, "max_steps": 50, "batch_size": 6, "grad_accum": 1,
+              "warmup_steps": 5, "schedule": "cosine", "clip": 1.0, "log_every": 1,
+              "save_every": 20},
+    "eval": {"metrics": ["loss", "json", "exact"], "baselines": ["base", "prompted"], "shots": 3,
+             "max_new_tokens": 72, "require_lift": 0.2, "batch_size": 20},
+}
+QUICK = {"train": {"max_steps": 4, "save_every": 0},
+         "eval": {"max_items": 4, "max_new_tokens": 24, "require_lift": -1.0}}
+N_TRAIN, N_EVAL = 2000, 60
+
+
+def demo_toml(conf: dict) -> str:
+    """The demo's config dict as TOML (one key a line)."""
+    lines = []
+    for section, values in conf.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 
