@@ -105,7 +105,7 @@ def test_loss_and_gradient_match_float64_separate_forwards():
     shift = torch.randn(len(comps), L, generator=torch.Generator().manual_seed(3)) * 0.3  # clipping happens
     eps, beta, temp = 0.2, 0.1, 0.9
 
-    rows = completion_rows(prompts, comps, 0, "cpu")
+    rows = completion_rows(prompts, comps, 3, 0, "cpu")
     with torch.no_grad(), disable_adapters(model):
         ref = completion_logps(model, rows, chunk=5, temperature=temp)
     logp = completion_logps(model, rows, chunk=5, temperature=temp)
@@ -125,6 +125,17 @@ def test_loss_and_gradient_match_float64_separate_forwards():
     for n, p in model64.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n].double(), p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_group_row_holds_the_prompt_once():
+    rows = completion_rows([[1, 2, 3]] * 2 + [[4]] * 2, [[5, 6], [7], [8], [9, 10, 11]], 2, 0, "cpu")
+    assert rows["ids"].tolist() == [[1, 2, 3, 5, 6, 7], [4, 8, 9, 10, 11, 0]]
+    assert rows["pos"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 3, 0]]
+    assert rows["seg"].tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 2, 2, -1]]
+    assert rows["src"].tolist() == [2, 3, 2, 0, 0, 2, 3]  # a completion's first token: the prompt's last
+    assert rows["mask"].sum(1).tolist() == [2, 1, 1, 3]
+    with pytest.raises(ValueError, match="share their prompt"):
+        completion_rows([[1], [2]], [[3], [4]], 2, 0, "cpu")
 
 
 def test_ratio_one_has_the_policy_gradient_and_no_clipping():

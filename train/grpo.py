@@ -22,8 +22,11 @@ reference (the adapter off, or ``reference_adapter``), of logits / temperature a
 
 One update per sampled batch: logp_old is logp detached (ratio = 1 in value, with the clipped
 form and its gradient kept), which is what TRL does when num_iterations = 1 instead of a second
-forward. Log-probs go through ``token_logps``: the head's logits exist for ``chunk`` tokens at a
-time, in the forward and again in the backward, never as (B, T, V).
+forward. The policy and reference forwards run one row a group, the prompt once and its G
+completions after it, each seeing only the prompt and itself (``completion_rows``): the
+log-probs of G separate sequences at about half the tokens. Log-probs go through
+``token_logps``: the head's logits exist for ``chunk`` tokens at a time, in the forward and again
+in the backward, never as (B, T, V).
 
 Metrics (TRL's names), per step: ``reward``, ``reward_std`` (mean of the groups' std),
 ``kl`` and ``clip_ratio`` (means over completion tokens), ``completion_length`` (tokens).
@@ -40,6 +43,7 @@ from leantune.base import DataError, UsageError
 from leantune.peft_core.generate import generate
 from leantune.train.data import IGNORE, BatchPlan, read_jsonl, split_for_generation
 from leantune.train.dpo import reference_mode
+from leantune.train.preference import pair_attn_mask
 from leantune.train.rewards import Reward
 
 ADV_EPS = 1e-4
@@ -93,36 +97,53 @@ def token_logps(hidden, weight, targets, chunk: int = 256, temperature: float = 
 
 
 # -- prompt + completion rows --------------------------------------------------------------
-def completion_rows(prompts, completions, pad_id: int, device):
-    """Right-padded rows prompt + completion: ``ids`` (N, T), and where the completion tokens
-    are: ``row``, ``src`` (the column whose state predicts the token) and ``col`` (its index
-    in the completion), 1-D over all completion tokens; ``mask`` (N, L), L = longest completion."""
-    N = len(prompts)
-    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    L = max(len(c) for c in completions)
-    ids = torch.full((N, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(N, L, dtype=torch.bool)
-    row, src, col = [], [], []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        mask[i, :len(c)] = True
-        row += [i] * len(c)
-        src += range(len(p) - 1, len(p) + len(c) - 1)
-        col += range(len(c))
-    t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    return {"ids": ids.to(device), "row": t(row), "src": t(src), "col": t(col), "mask": mask.to(device)}
+def completion_rows(prompts, completions, group_size: int, pad_id: int, device):
+    """One row a group: its prompt once, then its G completions (segments 1..G). Under
+    ``preference.pair_attn_mask`` a completion sees the prompt and itself only, and its
+    positions restart where the prompt ends, so its log-probs are those of prompt + completion
+    as a sequence of its own, while the prompt is encoded once instead of G times (as DPO's
+    shared-prompt rows). ``prompts``: each group's prompt G times in a row, as sampled.
+
+    Returns ``ids``, ``pos``, ``seg`` (B, T); the completion tokens, 1-D in row order: ``row``,
+    ``tgt`` (its column), ``src`` (the column whose state predicts it: the last prompt token for
+    a completion's first token), ``seq`` (its completion) and ``col`` (its index there); and
+    ``mask`` (N, L), 1 on completion tokens, L the longest completion."""
+    G = group_size
+    B = len(prompts) // G
+    if any(prompts[b * G + j] != prompts[b * G] for b in range(B) for j in range(G)):
+        raise ValueError("the completions of a group must share their prompt")
+    T = max(len(prompts[b * G]) + sum(len(c) for c in completions[b * G:(b + 1) * G]) for b in range(B))
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    mask = torch.zeros(len(completions), max(len(c) for c in completions), dtype=torch.bool)
+    idx = {k: [] for k in ("row", "tgt", "src", "seq", "col")}
+    for b in range(B):
+        p = list(prompts[b * G])
+        P = at = len(p)
+        ids[b, :P], pos[b, :P], seg[b, :P] = torch.tensor(p), torch.arange(P), 0
+        for j in range(G):
+            n, c = b * G + j, list(completions[b * G + j])
+            ids[b, at:at + len(c)], pos[b, at:at + len(c)] = torch.tensor(c, dtype=torch.long), torch.arange(P, P + len(c))
+            seg[b, at:at + len(c)] = j + 1
+            mask[n, :len(c)] = True
+            idx["row"] += [b] * len(c)
+            idx["tgt"] += range(at, at + len(c))
+            idx["src"] += [P - 1] + list(range(at, at + len(c) - 1))
+            idx["seq"] += [n] * len(c)
+            idx["col"] += range(len(c))
+            at += len(c)
+    out = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in idx.items()}
+    return {**out, "ids": ids.to(device), "pos": pos.to(device), "seg": seg.to(device), "mask": mask.to(device)}
 
 
 def completion_logps(model, rows, chunk: int, temperature: float, trunk=None):
     """(N, L) per-token log-probs of the completion tokens (0 where ``mask`` is 0)."""
-    ids = rows["ids"]
-    N, T = ids.shape
-    pos = torch.arange(T, device=ids.device).expand(N, T)
-    hidden = (trunk or model.model)(ids, pos, None)  # (N, T, C); right padding is never attended
-    targets = ids[rows["row"], rows["src"] + 1]
-    lp = token_logps(hidden[rows["row"], rows["src"]], model.lm_head.weight, targets, chunk, temperature)
+    ids, row = rows["ids"], rows["row"]
+    hidden = (trunk or model.model)(ids, rows["pos"], pair_attn_mask(rows["seg"]))  # (B, T, C)
+    lp = token_logps(hidden[row, rows["src"]], model.lm_head.weight, ids[row, rows["tgt"]], chunk, temperature)
     out = torch.zeros(rows["mask"].shape, dtype=lp.dtype, device=ids.device)
-    return out.index_put((rows["row"], rows["col"]), lp)
+    return out.index_put((rows["seq"], rows["col"]), lp)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -280,7 +301,7 @@ class GRPOObjective:
         completions = self.sample(model, prompts, int(batch["sample_seed"][0]))
         rewards = torch.tensor(self.score(items, completions), dtype=torch.float32, device=device)
         adv = group_advantages(rewards, G)
-        rows = completion_rows(prompts, completions, self.tok.pad_token_id, device)
+        rows = completion_rows(prompts, completions, G, self.tok.pad_token_id, device)
         ref = None
         if t.kl_beta:
             with torch.no_grad(), reference_mode(model, self.adapter):
