@@ -29,11 +29,13 @@ log-probs of G separate sequences at about half the tokens. Log-probs go through
 in the backward, never as (B, T, V).
 
 Metrics (TRL's names), per step: ``reward``, ``reward_std`` (mean of the groups' std),
-``kl`` and ``clip_ratio`` (means over completion tokens), ``completion_length`` (tokens).
+``kl`` and ``clip_ratio`` (means over completion tokens), ``completion_length`` (tokens); and
+``tokens_per_s`` counts the sampled sequences' prompt and completion tokens.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -275,12 +277,16 @@ class GRPOObjective:
         self.t, self.tok, self.items, self.reward = train_cfg, tok, items, reward
         self.adapter = reference_adapter
         self.sums = torch.zeros(self.SUMS, dtype=torch.float64)
-        self.completions = 0
+        self.completions = self.prompt_tokens = 0
+        self.t0 = time.perf_counter()
 
     def count(self, micro) -> int:
         """Completions sampled in the step's micro-batches; resets the step's metrics."""
         self.sums = torch.zeros(self.SUMS, dtype=torch.float64)
         self.completions = sum(int(b["input_ids"].shape[0]) for b in micro) * self.t.group_size
+        # every sampled sequence's prompt and completion tokens, for tokens_per_s
+        self.prompt_tokens = sum(int(b["attention_mask"].sum()) for b in micro) * self.t.group_size
+        self.t0 = time.perf_counter()
         return self.completions
 
     def sample(self, model, prompts, seed: int, greedy: bool = False) -> list[list[int]]:
@@ -322,7 +328,8 @@ class GRPOObjective:
         n = max(self.completions, 1)
         return {"reward": reward / n, "reward_std": std / max(groups, 1), "kl": kl / max(tokens, 1),
                 "completion_length": tokens / n, "clip_ratio": clipped / max(tokens, 1),
-                "completions": self.completions, "supervised_tokens": int(tokens)}
+                "completions": self.completions, "supervised_tokens": int(tokens),
+                "tokens_per_s": (self.prompt_tokens + tokens) / max(time.perf_counter() - self.t0, 1e-9)}
 
     def progress(self) -> dict:
         m = self.metrics()
