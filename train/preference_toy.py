@@ -4,8 +4,8 @@ String pairs (TRL's ``{"prompt", "chosen", "rejected"}``): the prompt asks for a
 several phrasings; the chosen reply is the equation with the right sum (" 17 + 25 = 42."); the
 rejected one is, half of the time, the same equation with a wrong sum (" 17 + 25 = 44."), else
 another style: a hedge, a bare wrong number, a refusal. Train and held-out pairs use disjoint
-phrasings and number ranges (1-49 against 50-99), so held-out accuracy measures a learned
-preference, not memorised pairs. ``write_toy(folder)`` writes ``train.jsonl`` and
+phrasings and disjoint (a, b) pairs, so held-out accuracy measures a learned preference, not
+memorised pairs. ``write_toy(folder)`` writes ``train.jsonl`` and
 ``heldout.jsonl``.
 
 ``python -m leantune.train.preference_toy OUT [--steps N]`` runs DPO on it (LoRA r16 on the
@@ -26,12 +26,14 @@ REJECT = [["I think it is {w}.", "{w}", "Why do you want to know?", "Hmm, maybe 
 
 
 def toy_pairs(n: int, split: int, seed: int = 0) -> list[dict]:
-    """``n`` records of split 0 (train: numbers 1-49) or 1 (held-out: 50-99)."""
+    """``n`` records of split 0 (train) or 1 (held-out): addends in 10-69, the (a, b) pairs of
+    the two splits disjoint (a quarter of all pairs, by a fixed rule, are held-out ones)."""
     rng = random.Random(seed * 2 + split)
-    lo, hi = (1, 49) if split == 0 else (50, 99)
     out = []
-    for _ in range(n):
-        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    while len(out) < n:
+        a, b = rng.randint(10, 69), rng.randint(10, 69)
+        if ((a * 7 + b * 3) % 4 == 0) != (split == 1):
+            continue
         w = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
         fill = {"a": a, "b": b, "w": w}
         wrong = f"{a} + {b} = {w}." if rng.random() < 0.5 else rng.choice(REJECT[split]).format(**fill)
