@@ -265,13 +265,15 @@ def write_tickets(path, n=6):
     ("reward_fn", "no_colon", "expected \"module:function\""),
     ("reward_fn", "leantune_no_such_module:f", "cannot import"),
     ("reward_fn", "json:no_such_function", "has no function"),
+    ("kl_beta", 0.04, "no adapter to switch off"),  # with adapter.kind = "none" below
 ])
 def test_grpo_config_errors_name_the_key(tmp_path, key, value, what):
     from leantune.train.config import load_config
 
     tmp_path.joinpath("prompts.jsonl").write_text("")
+    over = ["adapter.kind=none"] if what == "no adapter to switch off" else []
     with pytest.raises(UsageError) as e:
-        load_config(write_config(tmp_path, data=tmp_path / "prompts.jsonl", **{key: value}))
+        load_config(write_config(tmp_path, data=tmp_path / "prompts.jsonl", **{key: value}), over)
     assert f"train.{key}" in e.value.where and what in e.value.what and e.value.exit_code == 2
 
 

@@ -384,7 +384,7 @@ def check_objective(cfg: Config, path: str):
     """The objective's own rules (one line naming the key, exit 2)."""
     t = cfg.train
     if t.objective == "grpo":
-        check_grpo(t, path)
+        check_grpo(cfg, path)
     if t.objective != "dpo":
         return
     if t.reference_adapter and t.loss_type == "simpo":
@@ -397,9 +397,15 @@ def check_objective(cfg: Config, path: str):
         raise UsageError(f"{path}: train.reference_adapter", 'needs an adapter (adapter.kind is "none")')
 
 
-def check_grpo(t, path: str):
+def check_grpo(cfg: Config, path: str):
     """GRPO's keys beyond their types and ranges."""
     from leantune.train.rewards import REWARD_METRICS, load_reward_fn
+
+    t = cfg.train
+    if cfg.adapter.kind == "none" and (t.kl_beta or t.reference_adapter):
+        key = "reference_adapter" if t.reference_adapter else "kl_beta"
+        raise UsageError(f"{path}: train.{key}", 'a full fine-tune (adapter.kind = "none") has no adapter '
+                                                 "to switch off for the reference: set kl_beta = 0")
 
     if not 0.0 < t.top_p <= 1.0:
         raise UsageError(f"{path}: train.top_p", f"must be in (0, 1], got {t.top_p!r}")
