@@ -299,7 +299,7 @@ def test_reference_adapter_is_frozen_copy(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, what", [
-    ("objective", "grpo", "not implemented yet"),
+    ("objective", "ppo", "must be one of sft, dpo, grpo"),
     ("loss_type", "hinge", "must be one of sigmoid, ipo, simpo"),
     ("beta", 0.0, "must be positive"),
     ("gamma", -1.0, "must be >= 0"),
