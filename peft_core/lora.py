@@ -498,7 +498,7 @@ class LoraLinear(nn.Module):
         y = lora_4bit(xc, base.weight, base.quant_state, base.bias, A, B, spec.scaling, x_drop)
         return y.to(x.dtype)
 
-    def _apply(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """base(x) plus the adapters ``names`` (and s B0 A0 x when the init owner is not among them)."""
         if len(names) == 1:
             n = names[0]
@@ -518,10 +518,10 @@ class LoraLinear(nn.Module):
         if self.disabled:
             if self.merged:
                 self.unmerge()
-            return self._apply(x, [])
+            return self._compute(x, [])
         if rows is not None:
             return self._forward_rows(x, rows)
-        return self._apply(x, [n for n in self.active if n in self.adapters and n not in self.merged])
+        return self._compute(x, [n for n in self.active if n in self.adapters and n not in self.merged])
 
     def _forward_rows(self, x: torch.Tensor, rows: list[str]) -> torch.Tensor:
         if self.merged:
@@ -533,7 +533,7 @@ class LoraLinear(nn.Module):
             groups.setdefault(n, []).append(i)
         if len(groups) == 1:
             n = rows[0]
-            return self._apply(x, [n] if n in self.adapters else [])
+            return self._compute(x, [n] if n in self.adapters else [])
         base_out = self.base(x)  # once for every row (the base dominates a decode step)
         stacked = [n for n in groups if self._stackable(n)]
         out = self._stacked_lora(x, base_out, rows, stacked) if stacked else base_out
@@ -546,7 +546,7 @@ class LoraLinear(nn.Module):
             if n in stacked:
                 ys = out.index_select(0, idx_t) + self._init_delta(xs)
             elif names and type(self.variant(n)).forward is not LoraVariant.forward:
-                ys = self._apply(xs, names)  # a variant with its own forward: its own base pass
+                ys = self._compute(xs, names)  # a variant with its own forward: its own base pass
             else:
                 ys = base_out.index_select(0, idx_t)
                 ys = self.variant(n).on_base(self, n, xs, ys) if names else ys

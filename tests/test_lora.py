@@ -572,3 +572,18 @@ def test_dora_on_4bit_equals_dora_on_the_dequantized_weight_with_dropout():
         outs.append([y, xl.grad] + [p.grad for n, p in layer.named_parameters() if p.requires_grad])
     for got, want in zip(*outs):
         assert rel(got, want) < 1e-5
+
+
+def test_a_model_with_adapters_moves_and_casts_like_any_module():
+    """``model.to(...)`` / ``.double()`` reach LoraLinear's tensors (nn.Module._apply is not
+    shadowed by the layer's own forward helper)."""
+    model = tiny_model(seed=5).eval()
+    inject_adapter(model, AdapterConfig(r=4, alpha=8, targets="all-linear"))
+    randomize(model, seed=6)
+    with torch.no_grad():
+        want = model(IDS).double()
+        model.to(torch.float64)
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        torch.testing.assert_close(model(IDS), want, rtol=1e-5, atol=1e-5)
+        model.to("cpu", torch.float32)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
