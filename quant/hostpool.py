@@ -116,3 +116,24 @@ def set_limit(nbytes: int) -> None:
     """Keep at most ``nbytes`` of free blocks (more are unmapped when freed)."""
     if _LOADER.get() is not None:
         _LOADER.get().lt_pool_set_limit(int(nbytes))
+
+
+_LIBC: list = []
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    The tensors torch allocates itself (below ``MIN_BYTES``, or outside the kernels) come from
+    glibc's heap; when every batch has another shape (packing, real data) their holes differ
+    from step to step and the heap's resident size climbs. The trainer calls this after each
+    CPU optimizer step, when almost nothing is live."""
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            _LIBC.append(libc)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)

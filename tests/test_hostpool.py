@@ -4,6 +4,8 @@ never shared, and the limit and release bound what it keeps."""
 from __future__ import annotations
 
 import gc
+import os
+import platform
 import random
 
 import pytest
@@ -141,3 +143,25 @@ def test_best_fit_reuses_a_slightly_larger_free_block():
     gc.collect()
     c = hostpool.empty((700, 1000))  # far smaller: not handed a block 70% too large
     assert c.data_ptr() != ptr
+
+
+def _rss_bytes():
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc on Linux")
+def test_trim_heap_returns_the_holes_left_by_varying_shapes():
+    """Freed heap blocks between live ones stay resident until malloc_trim: the trainer's
+    per-step trim gives them back (the demo's packed batches change shape every step)."""
+    blocks = [torch.ones(15_000 + 7 * i) for i in range(2000)]  # ~60 KB each, from glibc's heap
+    keep = blocks[::50]  # live blocks scattered through the heap pin its top
+    del blocks
+    before = _rss_bytes()
+    hostpool.trim_heap()
+    after = _rss_bytes()
+    assert before - after > 50 * 2**20, (before, after)
+    assert all(float(t.sum()) == t.numel() for t in keep)  # the live ones are untouched

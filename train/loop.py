@@ -389,6 +389,8 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
         run.skipped += 1
         run.nan_streak += 1
     run.opt.zero_grad(set_to_none=True)
+    if run.ranks.device.type == "cpu":
+        hostpool.trim_heap()  # varying batch shapes must not grow the heap step after step
     run.step += 1
     return _StepOut(loss_total, grad_norm, lr, micro, n_tok)
 
