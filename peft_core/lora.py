@@ -282,6 +282,7 @@ class LoraLinear(nn.Module):
         self.init_scaling = 0.0
         self.variant_state: dict[str, dict] = {}  # adapter -> its variant's non-parameter state
         self.variant_cache: dict = {}  # variants' caches of base-weight functions (cleared when it changes)
+        self._stack_cache = None  # (key, A, B) of the last mixed-adapter batch (_stacked_weights)
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora, init=init, kind=kind,
                          base_quant=base_quant, loftq_iters=loftq_iters)
 
@@ -561,13 +562,25 @@ class LoraLinear(nn.Module):
             return False
         return not self.training or isinstance(self.lora_dropout[name], nn.Identity)
 
+    def _stacked_weights(self, names):
+        """[A_1; A_2; ...] (R, in) and [B_1, B_2, ...] (out, R), kept while no weight changes
+        (a server's decode steps reuse them; training bumps the versions every step)."""
+        ws = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        key = tuple((n, id(a), a._version, id(b), b._version) for n, (a, b) in zip(names, ws))
+        hit = self._stack_cache
+        if hit is None or hit[0] != key or torch.is_grad_enabled():
+            stacked = torch.cat([a for a, _ in ws]), torch.cat([b for _, b in ws], dim=1)
+            if torch.is_grad_enabled():
+                return stacked
+            self._stack_cache = hit = (key, *stacked)
+        return hit[1], hit[2]
+
     def _stacked_lora(self, x, base_out, rows, names):
         """base(x) plus, on each row, its own adapter's s B A x, for all the ``names`` at once
         (S-LoRA's batched form): xa = x [A_1; A_2; ...]^T with every column outside the row's
         adapter zeroed (its scale inside), then one addmm with [B_1, B_2, ...]. Rows of other
         adapters (and of the base) get exact zeros: their output stays base(x)."""
-        A = torch.cat([self.lora_A[n].weight for n in names])  # (R, in)
-        B = torch.cat([self.lora_B[n].weight for n in names], dim=1)  # (out, R)
+        A, B = self._stacked_weights(names)
         scale = torch.zeros(len(rows), A.shape[0], dtype=A.dtype, device=x.device)
         col = 0
         for n in names:
