@@ -1,4 +1,5 @@
-"""Load test of ``leantune serve`` on loopback: the same requests one at a time, then from
+"""Load test of ``leantune serve`` (its own process, as users run it) on loopback: the same
+requests one at a time, then from
 concurrent streaming clients spread over the base and two adapters.
 
     python -m leantune.bench.bench_serve [--model DIR] [--requests 24] [--clients 8] [--max-tokens 32]
@@ -48,19 +49,44 @@ def _adapter(model_dir, out, seed):
     return save_adapter(model, out)
 
 
-def _start(engine):
-    import uvicorn
-
-    from leantune.serve import build_app
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, f"http://127.0.0.1:{port}/v1"
+        return s.getsockname()[1]
+
+
+def _start(model_dir, adapters, args):
+    """``leantune serve`` in its own process (as a user runs it: the load generator's threads
+    must not share the server's interpreter); returns (process, base URL)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "leantune", "serve", str(model_dir), "--port", str(port),
+           "--max-batch", str(args.clients), "--max-tokens", str(args.max_tokens)]
+    for spec in adapters:
+        cmd += ["--adapter", spec]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"leantune serve exited: {proc.stderr.read().strip()[-500:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("leantune serve did not answer /health within 300 s")
+
+
+def _server_metrics(url) -> dict:
+    """The server's Prometheus counters (GET /metrics) as {name: value}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return {k: float(v) for k, v in (ln.split() for ln in text.splitlines() if ln and not ln.startswith("#"))}
 
 
 def _one(client, model, prompt, max_tokens):
@@ -82,15 +108,23 @@ def run(args) -> dict:
     import openai
 
     from leantune.peft_core.embedded import default_model_dir
-    from leantune.serve import build_engine
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     tmp = Path(tempfile.mkdtemp())
     adapters = [f"a={_adapter(model_dir, tmp / 'a', 1)}", f"b={_adapter(model_dir, tmp / 'b', 2)}"]
-    engine = build_engine(model_dir, adapters, max_batch=args.clients, max_tokens=args.max_tokens)
-    srv, url = _start(engine)
+    proc, root = _start(model_dir, adapters, args)
+    try:
+        return _load(args, model_dir, root, openai)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _load(args, model_dir, root, openai) -> dict:
+    """The requests one at a time, then from ``args.clients`` concurrent streaming clients."""
+    url = root + "/v1"
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=600)
-    models = [engine.base_name, "a", "b"]
+    models = [Path(model_dir).resolve().name, "a", "b"]
     jobs = [(models[i % 3], f"Request {i}: write a short sentence about the number {i}.") for i in range(args.requests)]
     _one(client, models[0], "warm up", 4)
 
@@ -111,7 +145,7 @@ def run(args) -> dict:
             with lock:
                 results.append(r)
 
-    steps0, batch0 = engine.metrics["steps"], engine.metrics["batch_sum"]
+    m0 = _server_metrics(root)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(args.clients)]
     for t in threads:
@@ -119,8 +153,9 @@ def run(args) -> dict:
     for t in threads:
         t.join()
     con_s = time.perf_counter() - t0
-    srv.should_exit = True
-    engine.close()
+    m1 = _server_metrics(root)
+    steps = m1["leantune_decode_steps_total"] - m0["leantune_decode_steps_total"]
+    batch = m1["leantune_batch_size_sum"] - m0["leantune_batch_size_sum"]
 
     def ttft(rows):
         xs = sorted(r[1] for r in rows)
@@ -133,7 +168,7 @@ def run(args) -> dict:
             "requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
             "sequential": {"tokens_per_s": seq_tps, "seconds": seq_s, "ttft": ttft(seq)},
             "concurrent": {"tokens_per_s": con_tps, "seconds": con_s, "ttft": ttft(results),
-                           "mean_batch": (engine.metrics["batch_sum"] - batch0) / max(1, engine.metrics["steps"] - steps0)},
+                           "mean_batch": batch / max(1, steps)},
             "throughput_ratio": con_tps / seq_tps}
 
 
