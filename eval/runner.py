@@ -127,9 +127,7 @@ def prefix_loss(model, rows, P: int, batch_size: int, device) -> float:
             targets[b, :n - 1] = torch.tensor(r.labels[P + 1:], device=device)
             keys[b, P:P + n] = True
         cache = KVCache(cfg, B, P + T, device, dtype)
-        for k, v, k1, v1 in zip(cache.k, cache.v, one.k, one.v):
-            k[:, :, :P], v[:, :, :P] = k1, v1
-        cache.length = P
+        cache.fill_prefix(one)
         positions = torch.arange(P, P + T, device=device).expand(B, T)
         hidden = model.model(ids, positions, make_attn_mask(T, P + T, pad_mask=keys, device=device), cache)
         keep = targets != -100

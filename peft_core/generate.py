@@ -102,9 +102,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
     if P:  # the shared prefix once, its keys and values copied into every row
         one = KVCache(cfg, 1, P, device, dtype)
         model.model(torch.tensor([list(prompts[0][:P])], device=device), None, None, one)
-        for k, v, k1, v1 in zip(cache.k, cache.v, one.k, one.v):
-            k[:, :, :P], v[:, :, :P] = k1, v1
-        cache.length = P
+        cache.fill_prefix(one)
     # prefill: the head only on the last position (the rest of the logits are never used)
     logits = model.lm_head(model.model(ids, positions, mask_for(L, P + L), cache)[:, -1])  # (B, V)
     pos = positions[:, -1:]  # (B, 1)

@@ -86,6 +86,13 @@ class KVCache:
         self.v[layer][:, :, t0:t1] = v
         return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
+    def fill_prefix(self, prefix: "KVCache") -> None:
+        """Copy a one-row cache of a prefix every row shares into every row (length = its)."""
+        P = prefix.length
+        for k, v, k1, v1 in zip(self.k, self.v, prefix.k, prefix.v):
+            k[:, :, :P], v[:, :, :P] = k1[:, :, :P], v1[:, :, :P]
+        self.length = P
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (finished sequences leave a generation batch)."""
         self.k = [k.index_select(0, rows) for k in self.k]
