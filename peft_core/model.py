@@ -3,7 +3,7 @@
     tokens -> embed_tokens -> N x Block -> norm -> lm_head -> logits
     Block:  h = x + Attention(RMSNorm(x));  out = h + MLP(RMSNorm(h))
     Attention: q, k, v projections, RoPE on q and k, grouped-query attention through
-               scaled_dot_product_attention, o projection.
+               ``quant.attention`` (SDPA; batched GEMMs on CPU in bf16), o projection.
     MLP (SwiGLU): down(silu(gate(x)) * up(x)), with an autograd Function that saves less
 
 Memory for the backward: the norms' outputs and the SwiGLU output, which the projections
@@ -25,9 +25,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from leantune.peft_core.config import ModelConfig, llama3_inv_freq
+from leantune.quant.attention import attention
 from leantune.quant.rowops import SwiGLU, apply_rope, rms_norm, swiglu_forward
 
 
@@ -118,9 +118,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        # grouped-query attention: each kv head serves n_head // n_kv query heads. On CPU SDPA
-        # shares them itself (enable_gqa; the expanded copies would be saved for backward);
-        # elsewhere they are expanded so the fused GPU kernels accept them.
+        # grouped-query attention: each kv head serves n_head // n_kv query heads. On CPU the
+        # attention op shares them itself (enable_gqa; the expanded copies would be saved for
+        # backward); elsewhere they are expanded so the fused GPU kernels accept them.
+        # ``quant.attention.attention``: SDPA, or batched GEMMs on CPU (bf16, T > 1, <= 512 keys).
         gqa = self.n_kv != self.n_head
         if gqa and q.device.type != "cpu":
             k, v = _repeat_kv(k, self.n_head // self.n_kv), _repeat_kv(v, self.n_head // self.n_kv)
@@ -130,9 +131,9 @@ class Attention(nn.Module):
             causal = T > 1
             if cache is not None and cache.length > 0 and T > 1:
                 raise ValueError("multi-token step with a filled cache needs an explicit attn_mask")
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            y = attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            y = attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # (B, T, C)
         return self.o_proj(y)
 

@@ -77,7 +77,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 torch.mm(h, w_mm.T, out=z)
             else:
                 z.copy_(h @ w_mm.T)
-            fused = rowops.xent_rows_(z, t) if (need_h or need_w or z.dtype != acc) else None
+            # the C kernel with or without grad, so a no-grad pass (DPO's reference, eval) sums
+            # exactly as the training pass does
+            fused = rowops.xent_rows_(z, t)
             if fused is not None:  # the C kernel: Z is now dZ = softmax(Z) - onehot(y)
                 lse, z_target = fused
                 total += (lse - z_target).sum()
