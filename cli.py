@@ -233,7 +233,7 @@ def cmd_config(args):
 def cmd_demo(args):
     from leantune.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, log=_log, compute_dtype=args.compute_dtype)
+    run_demo(out=args.out, quick=args.quick, log=_log, compute_dtype=args.compute_dtype, rl=args.rl)
 
 
 _LOG = {"format": "text"}  # --log-format: "json" makes every stdout line a JSON object
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     s.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 on a CPU with native bf16 (avx512_bf16 / AMX) or a GPU, else fp32")
+    s.add_argument("--rl", action="store_true",
+                   help="then GRPO from the SFT adapter, and SFT against SFT+RL on the held-out split")
     s.set_defaults(func=cmd_demo)
     _fill_help(p)
     return p

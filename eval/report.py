@@ -7,7 +7,9 @@ output in ``eval/predictions.jsonl``; ``gate`` decides exit status 5.
 
 Labels: ``base`` and ``prompted`` are the baselines; every other label (``tuned``, and extra
 adapters by name) is a candidate that gets a ``"<label>-vs-<baseline>"`` difference against each
-baseline. The gate looks at ``tuned``.
+baseline, and each candidate after the first one also a ``"<label>-vs-<first>"`` difference
+against the first (``sft+rl-vs-sft`` when the adapters are given in that order). The gate looks
+at ``tuned``.
 """
 from __future__ import annotations
 
@@ -106,20 +108,22 @@ def build_report(results: dict[str, dict[str, list[float]]], losses: dict[str, f
 
     diffs: dict[str, dict] = {}
     baselines = [x for x in labels if x in BASELINES]
-    for cand in (x for x in labels if x not in BASELINES):
-        for base in baselines:
-            d = {}
-            for metric, vals in results.get(cand, {}).items():
-                other = results.get(base, {}).get(metric)
-                if other is None:
-                    continue
-                mean, lo, hi = paired_bootstrap_diff(vals, other, n_boot=n_boot, alpha=alpha,
-                                                     seed=seed)
-                d[metric] = {"diff": _num(mean), "lo": _num(lo), "hi": _num(hi)}
-            la, lb = models[cand]["eval_loss"], models[base]["eval_loss"]
-            if la is not None and lb is not None:
-                d["eval_loss"] = {"diff": la - lb, "lo": None, "hi": None}
-            diffs[f"{cand}-vs-{base}"] = d
+    candidates = [x for x in labels if x not in BASELINES]
+    pairs = [(cand, base) for cand in candidates for base in baselines]
+    pairs += [(cand, candidates[0]) for cand in candidates[1:]]  # e.g. sft+rl against sft
+    for cand, base in pairs:
+        d = {}
+        for metric, vals in results.get(cand, {}).items():
+            other = results.get(base, {}).get(metric)
+            if other is None:
+                continue
+            mean, lo, hi = paired_bootstrap_diff(vals, other, n_boot=n_boot, alpha=alpha,
+                                                 seed=seed)
+            d[metric] = {"diff": _num(mean), "lo": _num(lo), "hi": _num(hi)}
+        la, lb = models[cand]["eval_loss"], models[base]["eval_loss"]
+        if la is not None and lb is not None:
+            d["eval_loss"] = {"diff": la - lb, "lo": None, "hi": None}
+        diffs[f"{cand}-vs-{base}"] = d
 
     outputs = {}
     for lab, outs in preds.items():
@@ -154,11 +158,15 @@ def gate(report: dict, require_lift: float) -> tuple[bool, str]:
     better); the gate fails when ``lift < require_lift`` (with 1e-9 of float slack), so with
     ``require_lift = 0`` a tuned model equal to the best baseline passes. A negative
     ``require_lift`` tolerates a tuned model that is worse by up to that much. Without a
-    baseline the gate passes and says so. Raises ``ValueError`` when the report has no
-    ``tuned`` model or tuned has no primary value.
+    baseline the gate passes and says so (also when no model is named ``tuned``: adapters
+    compared with each other only, as the demo's ``sft`` and ``sft+rl``). Raises
+    ``ValueError`` when a report with a baseline has no ``tuned`` model, or tuned has no
+    primary value.
     """
     primary = report["primary_metric"]
     models = report["models"]
+    if "tuned" not in models and not any(lab in BASELINES for lab in models):
+        return True, "no baseline and no model named tuned: gate not applied"
     if "tuned" not in models:
         raise ValueError("the report has no 'tuned' model to gate")
     t = models["tuned"].get(primary)

@@ -10,6 +10,9 @@ regression check, the report and the gate.
     regression = perplexity and KL(base || tuned) on general text
     report -> eval/report.json, eval/report.md, plots; exit 5 when the gate fails
 
+Preference data (TRL's prompt / chosen / rejected records) goes to ``eval.preference_eval``:
+log-prob scores of each pair instead of generation.
+
 Usable from Python: ``run_eval(cfg, adapters={"tuned": DIR})`` returns the report dict.
 """
 from __future__ import annotations
@@ -206,6 +209,11 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
     for name, path in adapters.items():
         load_adapter(model, path, name=name)
 
+    from leantune.eval.preference_eval import is_preference_data, run_preference_eval
+
+    if is_preference_data(data_path):  # pairs: scored by log-probs, no generation
+        return run_preference_eval(cfg, model, tok, adapters, data_path, device=device,
+                                   model_dir=model_dir, log=log)
     items, fmt = load_items(data_path, cfg.eval.max_items)
     shots = pick_shots(cfg.data.train, cfg.eval.shots, cfg.train.seed, fmt) if "prompted" in cfg.eval.baselines else []
     records = {"plain": [it["record"] for it in items]}

@@ -1,4 +1,5 @@
-"""``leantune data check|stats|dedup|redact FILE``: data curation.
+"""``leantune data check|stats|dedup|redact FILE``: data curation (and ``data pairs CONFIG``,
+preference pairs from a model's samples: ``train/self_pairs.py``).
 
     check   schema, role order, empty fields, lengths (chars; tokens with --tokenizer),
             duplicates, a length histogram. Every problem is printed as FILE:LINE: what;
@@ -709,7 +710,8 @@ def redaction_scores(path=PII_LABELLED) -> dict:
 # -- the command line ----------------------------------------------------------------------
 def add_data_parser(subparsers):
     """Add ``data check|stats|dedup|redact`` to an argparse sub-parser set; returns the parser."""
-    p = subparsers.add_parser("data", help="check, describe, deduplicate or redact a JSONL data file")
+    p = subparsers.add_parser("data", help="check, describe, deduplicate or redact a JSONL data file, "
+                                           "or make preference pairs from a model's samples")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     fmt_help = "record format (default: detected from the first record)"
 
@@ -749,6 +751,9 @@ def add_data_parser(subparsers):
         action.add_argument("--rejects", metavar="PATH",
                             help="where --skip-invalid writes the skipped lines as JSONL "
                                  "(default: FILE's name + .rejects.jsonl, beside --out if given, else beside FILE)")
+    from leantune.train.self_pairs import add_pairs_parser
+
+    add_pairs_parser(sub)
     p.set_defaults(func=cmd_data)
     return p
 
@@ -832,8 +837,13 @@ def cmd_data(args, out=None):
     under ``stats --json``, so that stdout stays JSON)."""
     out = out or sys.stdout
     action = getattr(args, "data_command", None)
+    if action == "pairs":  # a config and a model, not a FILE: train/self_pairs.py
+        from leantune.train.self_pairs import cmd_pairs
+
+        cmd_pairs(args, lambda line="": print(line, file=out))
+        return 0
     if action not in _ACTIONS:
-        raise UsageError("data", "give an action: check, stats, dedup or redact" if action is None
+        raise UsageError("data", "give an action: check, stats, dedup, redact or pairs" if action is None
                          else f"unknown action {action!r}")
     path = rejects_path(args)
     rejects = None if path is None else Rejects()

@@ -301,11 +301,25 @@ class GRPOObjective:
 
     def loss_sum(self, model, batch, chunk: int, trunk=None):
         """Sample, score, and the summed loss over the micro-batch's completions."""
-        t, G, device = self.t, self.t.group_size, batch["input_ids"].device
+        return self.update_loss(model, self.rollout(model, batch), chunk, trunk)
+
+    def rollout(self, model, batch) -> tuple[list, list, torch.Tensor]:
+        """The micro-batch's G completions of each prompt, sampled and scored: (items, each
+        prompt's G times in a row: the groups; completions; rewards (B * G,))."""
+        G = self.t.group_size
         items = [self.items[i] for i in batch["prompt_index"].tolist() for _ in range(G)]
-        prompts = [it.ids for it in items]  # each prompt G times, in a row: the groups
-        completions = self.sample(model, prompts, int(batch["sample_seed"][0]))
-        rewards = torch.tensor(self.score(items, completions), dtype=torch.float32, device=device)
+        completions = self.sample(model, [it.ids for it in items], int(batch["sample_seed"][0]))
+        rewards = torch.tensor(self.score(items, completions), dtype=torch.float32,
+                               device=batch["input_ids"].device)
+        return items, completions, rewards
+
+    def update_loss(self, model, rollout, chunk: int, trunk=None):
+        """The summed loss over a rollout's completions (reference and policy forwards); the
+        step's metric sums accumulated."""
+        t, G = self.t, self.t.group_size
+        items, completions, rewards = rollout
+        device = rewards.device
+        prompts = [it.ids for it in items]
         adv = group_advantages(rewards, G)
         rows = completion_rows(prompts, completions, G, self.tok.pad_token_id, device)
         ref = None

@@ -42,7 +42,7 @@ def toy_pairs(n: int, split: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write_toy(folder, n_train: int = 256, n_heldout: int = 64, seed: int = 0) -> tuple[Path, Path]:
+def write_toy(folder, n_train: int = 1024, n_heldout: int = 64, seed: int = 0) -> tuple[Path, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / "train.jsonl", folder / "heldout.jsonl"
@@ -51,8 +51,9 @@ def write_toy(folder, n_train: int = 256, n_heldout: int = 64, seed: int = 0) ->
     return paths
 
 
-def toy_config(folder, steps: int = 30, **train):
-    """The toy run's config: LoRA r16 on the 4-bit embedded SmolLM2, sigmoid DPO."""
+def toy_config(folder, steps: int = 40, **train):
+    """The toy run's config: LoRA r16 on the 4-bit embedded SmolLM2, sigmoid DPO, beta 0.3
+    (0.1 moved the policy further from the base's arithmetic: 0.89 held-out, twice)."""
     from leantune.train.config import Config
 
     cfg = Config()
@@ -61,6 +62,7 @@ def toy_config(folder, steps: int = 30, **train):
     cfg.adapter.r, cfg.adapter.alpha = 16, 32
     t = cfg.train
     t.out, t.objective, t.max_steps, t.batch_size, t.lr = str(Path(folder) / "run"), "dpo", steps, 16, 5e-4
+    t.beta = 0.3
     t.warmup_steps, t.schedule, t.save_every = 2, "linear", 0
     for k, v in train.items():
         setattr(t, k, v)
@@ -92,7 +94,7 @@ def heldout_accuracy(model, plan) -> dict:
     return {"pairs": n, "reward_accuracy": wins / n, "base_preference": base / n, "tuned_preference": tuned / n}
 
 
-def run_toy(folder, steps: int = 30, log=print) -> dict:
+def run_toy(folder, steps: int = 40, log=print) -> dict:
     """Train DPO on the toy task; held-out accuracies before and after, seconds, peak RSS."""
     import resource
 
@@ -126,6 +128,6 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
     args = p.parse_args()
     print(json.dumps(run_toy(args.out, args.steps), indent=2))
