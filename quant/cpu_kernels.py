@@ -50,6 +50,13 @@ TILE_ELEMS = 1 << 20
 # transpose one up to M = 16-32.
 GEMV_MAX_M = 32
 GEMV_T_MAX_M = 16
+# bf16 x: the tiles' GEMMs run natively in bf16 (avx512_bf16: 2-3x fp32's rate) while the GEMV
+# stays fp32, so the crossover comes sooner. AMD EPYC (avx512_bf16, 2 cores, 2026-12-03), ms
+# GEMV / tiled, idle: [576 x 576] M12 0.094/0.141, M16 0.143/0.153, M20 0.178/0.153;
+# [1536 x 576] M16 0.329/0.294, M20 0.431/0.320; [576 x 1536] M12 0.263/0.265, M20 0.471/0.390.
+# (fp32 on the same CPU: the GEMV ahead at every M <= 32.) Decode batches of 16-20 rows (eval,
+# GRPO sampling) take the tiles.
+GEMV_MAX_M_BF16 = 12
 
 # Pointers cross as plain addresses (tensor.data_ptr()); the C prototypes give their types.
 _P = ctypes.c_void_p
@@ -384,7 +391,7 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
     transpose=False:  y = x @ W^T,  x (M, in_features)  -> (M, out_features)   (forward)
     transpose=True:   y = x @ W,    x (M, out_features) -> (M, in_features)    (dX = dY @ W)
 
-    Small M (<= GEMV_MAX_M, or GEMV_T_MAX_M with transpose) runs a C GEMV straight from the
+    Small M (<= GEMV_MAX_M, GEMV_MAX_M_BF16 for bf16 x, GEMV_T_MAX_M with transpose) runs a C GEMV straight from the
     codes (decode, M = 1, goes 2-4x faster than the dense fp32 GEMV). Larger M dequantizes W a
     tile at a time into one reusable buffer (TILE_ELEMS weights, cache-sized) and lets
     torch's sgemm do the FLOPs:
@@ -410,7 +417,8 @@ def linear_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_feature
     M = x.shape[0]
     from leantune.quant import hostpool  # (imports this module: not at the top)
 
-    if M <= (GEMV_T_MAX_M if transpose else GEMV_MAX_M):
+    gemv_max = GEMV_T_MAX_M if transpose else GEMV_MAX_M_BF16 if x.dtype == torch.bfloat16 else GEMV_MAX_M
+    if M <= gemv_max:
         if x.dtype == torch.bfloat16:  # the GEMV reads fp32 rows
             return linear_4bit_cpu(x.float(), packed, absmax, code, blocksize, N, K, transpose).bfloat16()
         y = hostpool.empty((M, y_cols), torch.float32)
