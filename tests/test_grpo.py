@@ -318,7 +318,7 @@ def test_grpo_run_logs_trl_metrics_and_resumes_bit_exact(tmp_path):
 
     assert train(part, log=lambda m: None, on_step=stop_at_2).steps == 2
     train(part, resume=True, log=lambda m: None)
-    timing = {"tokens_per_s", "peak_mem_mb", "hostpool_peak_mb"}
+    timing = {"tokens_per_s", "peak_mem_mb", "hostpool_peak_mb", "rss_mb"}
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
     assert strip(read_rows(part.train.out)) == strip(rows)  # the same samples, rewards, losses
     a = read_safetensors(newest_checkpoint(Path(full.train.out)) / "trainable.safetensors")

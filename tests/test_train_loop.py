@@ -101,6 +101,7 @@ def test_metrics_report_the_host_pool_high_water_mark_beside_the_rss(tmp_path, m
     assert marks == sorted(marks) and marks[-1] > 0  # a high-water mark: it never goes down
     assert marks[-1] == hostpool.stats()["peak_bytes"] / 2**20
     assert all(r["hostpool_peak_mb"] < r["peak_mem_mb"] for r in rows)
+    assert all(0 < r["rss_mb"] <= r["peak_mem_mb"] + 1 for r in rows)  # now <= the high-water mark
 
 
 @pytest.mark.parametrize("setup", [{}, QLORA], ids=["full-finetune", "qlora"])

@@ -447,8 +447,12 @@ def log_step(run: _Run, data: _Data, out: _StepOut, dt: float, mlog, progress: _
            "supervised_tokens": out.n_tok, "skipped_steps": run.skipped,
            "epoch": step * cfg.train.grad_accum / len(data.plan),
            "peak_mem_mb": peak_memory_mb(run.ranks.device)}
-    if run.ranks.device.type == "cpu" and hostpool.enabled():  # its high-water mark, beside the RSS
-        rec["hostpool_peak_mb"] = hostpool.stats()["peak_bytes"] / 2**20
+    if run.ranks.device.type == "cpu":
+        rss = current_rss_mb()  # the RSS now, beside its high-water mark: creep shows here
+        if rss is not None:
+            rec["rss_mb"] = rss
+        if hostpool.enabled():  # the pool's high-water mark
+            rec["hostpool_peak_mb"] = hostpool.stats()["peak_bytes"] / 2**20
     obj = run.objective
     if obj:  # DPO: pairs, completion tokens and TRL's rewards/* and logps/*
         rec.update(obj.metrics())
@@ -694,6 +698,15 @@ def bound_onednn_cache() -> None:
     data) grew the demo's RSS by ~450 MB over 50 steps. 64 holds a step's shapes. Read when
     oneDNN first runs; ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` set by the user wins."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
+
+
+def current_rss_mb() -> float | None:
+    """The process's resident set now (Linux /proc/self/statm), in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_memory_mb(device) -> float:
