@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from leantune.base import DataError, GateError, UsageError
+from leantune.base import DataError, UsageError
 from leantune.train.dpo import compute_reference, dpo_losses
 from leantune.train.preference import encode_pair, read_pairs
 from leantune.train.preference_curation import is_preference_file
 
 from leantune.eval.metrics import LOGLIK_METRICS, TEXT_METRICS
-from leantune.eval.report import build_report, gate, write_report
-from leantune.eval.runner import GENERAL_TEXT, general_regression
+from leantune.eval.report import build_report
+from leantune.eval.runner import finish_report, regression_check
 
 PREFERENCE_METRICS = ("chosen_preferred", "preference_accuracy", "mean_margin")
 DEFAULT_PRIMARY = "chosen_preferred"
@@ -123,7 +123,7 @@ def run_preference_eval(cfg, model, tok, adapters: dict, data_path, *, device, m
     """Score the held-out pairs under the base and each adapter (already loaded on ``model``
     under their labels); write ``eval/`` in ``cfg.train.out``; returns the report. Raises
     GateError (exit 5) when ``tuned`` misses the base by more than ``eval.require_lift``."""
-    from leantune.peft_core.adapters import disable_adapters, set_active_adapter
+    from leantune.peft_core.adapters import set_active_adapter
 
     out_dir = Path(cfg.train.out)
     primary = preference_primary(list(cfg.eval.metrics))
@@ -168,31 +168,9 @@ def run_preference_eval(cfg, model, tok, adapters: dict, data_path, *, device, m
                                           + (f", gamma {t.gamma}" if t.loss_type == "simpo" else ""))
                             if losses else None}}
     set_active_adapter(model, next(iter(adapters)))
-    reg = general_regression(model, tok, cfg.eval.general_text or GENERAL_TEXT,
-                             lambda: disable_adapters(model), device)
-    reg["flagged"] = reg["kl_base_tuned"] > cfg.eval.kl_threshold
-    reg["threshold"] = cfg.eval.kl_threshold
-    extra["regression"] = reg
-
+    extra["regression"] = regression_check(cfg, model, tok, device)
     report = build_report(results, losses, primary, items, {}, extra, seed=cfg.train.seed)
-    ok, message = gate(report, cfg.eval.require_lift)
-    report["gate"] = {"ok": ok, "message": message, "require_lift": cfg.eval.require_lift}
-    write_report(report, out_dir, items, details)
-    _plots(report, out_dir)
-    if reg["flagged"]:
-        log(f"eval: regression flag: KL(base||tuned) on general text {reg['kl_base_tuned']:.3f} "
-            f"> {cfg.eval.kl_threshold}")
-    if not ok:
-        raise GateError("eval.require_lift", message)
-    return report
+    # mean_margin is in nats, off the bar chart's [0, 1] axis
+    return finish_report(cfg, report, out_dir, items, details, log, off_axis=("mean_margin",))
 
 
-def _plots(report: dict, out_dir: Path):
-    """The bar chart of the rates (mean_margin is in nats, not on the [0, 1] axis) and the
-    loss curves of the run, if any."""
-    from leantune.eval.plots import plot_loss_curves, plot_metric_comparison
-
-    if (out_dir / "metrics.jsonl").is_file():
-        plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "eval" / "loss.png")
-    rates = {lab: {m: v for m, v in vals.items() if m != "mean_margin"} for lab, vals in report["models"].items()}
-    plot_metric_comparison({**report, "models": rates}, out_dir / "eval" / "metrics.png")

@@ -258,22 +258,39 @@ def run_eval(cfg: Config, adapters: dict | None = None, log=print, model=None, t
                         "shots": len(shots), "data": str(data_path)}}
     first = next(iter(adapters))
     set_active_adapter(model, first)
-    general = cfg.eval.general_text or GENERAL_TEXT
-    reg = general_regression(model, tok, general, lambda: disable_adapters(model), device)
-    reg["flagged"] = reg["kl_base_tuned"] > cfg.eval.kl_threshold
-    reg["threshold"] = cfg.eval.kl_threshold
-    extra["regression"] = reg
+    extra["regression"] = regression_check(cfg, model, tok, device)
     primary = default_primary(metrics)
     report = build_report(results, losses, primary, items, preds, extra, seed=cfg.train.seed)
+    return finish_report(cfg, report, out_dir, items, preds, log)
+
+
+def regression_check(cfg: Config, model, tok, device) -> dict:
+    """``general_regression`` of the active adapter against the base on ``eval.general_text``,
+    flagged when KL(base || tuned) passes ``eval.kl_threshold``."""
+    from leantune.peft_core.adapters import disable_adapters
+
+    reg = general_regression(model, tok, cfg.eval.general_text or GENERAL_TEXT,
+                             lambda: disable_adapters(model), device)
+    reg["flagged"] = reg["kl_base_tuned"] > cfg.eval.kl_threshold
+    reg["threshold"] = cfg.eval.kl_threshold
+    return reg
+
+
+def finish_report(cfg: Config, report: dict, out_dir: Path, items, preds, log, off_axis=()) -> dict:
+    """The gate, report.json / report.md / predictions, the plots (the bar chart without the
+    metrics in ``off_axis``, which are not rates), the regression flag's log line; GateError
+    (exit 5) when the gate fails."""
+    from leantune.eval.plots import plot_loss_curves, plot_metric_comparison
+
     ok, message = gate(report, cfg.eval.require_lift)
     report["gate"] = {"ok": ok, "message": message, "require_lift": cfg.eval.require_lift}
     write_report(report, out_dir, items, preds)
-    from leantune.eval.plots import plot_loss_curves, plot_metric_comparison
-
     if (out_dir / "metrics.jsonl").is_file():
         plot_loss_curves(out_dir / "metrics.jsonl", out_dir / "eval" / "loss.png")
-    plot_metric_comparison(report, out_dir / "eval" / "metrics.png")
-    if reg["flagged"]:
+    rates = {lab: {m: v for m, v in vals.items() if m not in off_axis} for lab, vals in report["models"].items()}
+    plot_metric_comparison({**report, "models": rates}, out_dir / "eval" / "metrics.png")
+    reg = report.get("regression") or {}
+    if reg.get("flagged"):
         log(f"eval: regression flag: KL(base||tuned) on general text {reg['kl_base_tuned']:.3f} "
             f"> {cfg.eval.kl_threshold}")
     if not ok:
