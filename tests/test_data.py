@@ -449,6 +449,22 @@ def test_batch_plan_shapes_padding_and_packed_rows():
     assert (plain["doc_ids"][plain["attention_mask"] == 1] == 0).all()
 
 
+def test_batch_plan_rounds_the_length_up_to_the_multiple():
+    examples = make_examples([5, 3, 8, 2, 7, 4, 6, 16, 17])
+    plain = BatchPlan(examples, 3, seed=2, pad_token_id=0)
+    for m in (1, 4, 16):
+        plan = BatchPlan(examples, 3, seed=2, pad_token_id=0, pad_multiple=m)
+        assert plan.order(0) == plain.order(0)
+        for i in range(len(plan)):
+            a, b = plain.batch(0, i), plan.batch(0, i)
+            T0, T = a["input_ids"].shape[1], b["input_ids"].shape[1]
+            assert T % m == 0 and T0 <= T < T0 + m
+            fill = {"input_ids": 0, "labels": IGNORE, "position_ids": 0, "doc_ids": -1, "attention_mask": 0}
+            for k, v in fill.items():  # the same batch, then padding only
+                assert torch.equal(b[k][:, :T0], a[k]) and (b[k][:, T0:] == v).all(), k
+            assert plan.batch_tokens(0, i) == plain.batch_tokens(0, i)
+
+
 @pytest.mark.parametrize("group", [False, True])
 def test_batch_plan_deterministic_and_random_access(group):
     examples = make_examples([(i * 7) % 23 + 1 for i in range(205)])

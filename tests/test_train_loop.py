@@ -88,6 +88,22 @@ def test_full_finetune_writes_outputs_and_learns(tmp_path):
 QLORA = {"model": {"quant": "nf4"}, "adapter": {"kind": "lora", "r": 4, "alpha": 8}}
 
 
+def test_padding_to_a_multiple_keeps_the_losses(tmp_path):
+    """data.pad_to_multiple_of only adds masked padding: the losses and the trained adapter
+    match the run padded to the longest row only (float32, to rounding)."""
+    runs = {}
+    for m in (1, 16):
+        cfg = load_config(write_config(tmp_path, f"pad{m}", data={"pad_to_multiple_of": m},
+                                       train={"max_steps": 3, "save_every": 0}, **QLORA))
+        train(cfg, log=lambda m: None)
+        out = Path(cfg.train.out)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[m] = ([r["loss"] for r in rows], read_safetensors(out / "adapter" / "adapter_model.safetensors"))
+    assert runs[16][0] == pytest.approx(runs[1][0], rel=1e-5, abs=1e-6)
+    for k, v in runs[1][1].items():
+        torch.testing.assert_close(runs[16][1][k], v, rtol=1e-4, atol=1e-6)
+
+
 def test_metrics_report_the_host_pool_high_water_mark_beside_the_rss(tmp_path, monkeypatch):
     from leantune.quant import hostpool
 

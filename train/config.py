@@ -100,6 +100,9 @@ class DataSection:
     pack: bool = key(True, "best-fit packing; attention never crosses documents")
     mask_prompt: bool = key(True, "loss on completions / assistant turns only")
     mask_mode: str = key("all_assistant", '"all_assistant" | "last_assistant"')
+    pad_to_multiple_of: int = key(16, "a batch's length is rounded up to a multiple of this (1 = the\n"
+                                      "longest row): fewer distinct shapes, so the CPU kernels' caches\n"
+                                      "stop growing with every new length")
 
 
 @dataclass
@@ -205,7 +208,7 @@ NON_NEGATIVE = {("train", "max_steps"), ("train", "warmup_steps"), ("train", "sa
                 ("train", "log_every"), ("train", "keep_checkpoints"), ("eval", "kl_threshold"),
                 ("adapter", "loftq_iters"), ("train", "gamma"), ("train", "kl_beta")}
 # inclusive integer bounds (ints not named here: at most INT_MAX); every float must be finite
-INT_RANGES = {("data", "max_len"): (2, 2**20), ("train", "batch_size"): (1, 2**16),
+INT_RANGES = {("data", "max_len"): (2, 2**20), ("data", "pad_to_multiple_of"): (1, 4096), ("train", "batch_size"): (1, 2**16),
               ("train", "grad_accum"): (1, 2**16), ("adapter", "r"): (1, 2**16),
               ("model", "blocksize"): (16, 2**16), ("train", "loss_chunk"): (1, 2**24),
               ("eval", "max_new_tokens"): (1, 2**20), ("eval", "batch_size"): (1, 2**16),

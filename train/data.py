@@ -955,7 +955,7 @@ class BatchPlan:
     MEGA = 50
 
     def __init__(self, rows, batch_size: int, seed: int = 0, pad_token_id: int | None = 0,
-                 shuffle: bool = True, group_by_length: bool = False):
+                 shuffle: bool = True, group_by_length: bool = False, pad_multiple: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if len(rows) == 0:
@@ -963,6 +963,7 @@ class BatchPlan:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
         self.shuffle, self.group_by_length = shuffle, group_by_length
+        self.pad_multiple = max(1, int(pad_multiple))
         self.lengths = _lengths(rows)
         self._cached_epoch, self._cached_order = None, None
 
@@ -993,9 +994,10 @@ class BatchPlan:
 
     def batch(self, epoch: int, index: int) -> dict:
         """``input_ids, labels, position_ids, doc_ids, attention_mask``: LongTensors (B, T),
-        T = the longest row; padding has label -100, doc id -1, position 0, mask 0."""
+        T = the longest row rounded up to ``pad_multiple``; padding has label -100, doc id -1,
+        position 0, mask 0."""
         rows = [self.rows[i] for i in self.batch_rows(epoch, index)]
-        T = max(_row_len(r) for r in rows)
+        T = -(-max(_row_len(r) for r in rows) // self.pad_multiple) * self.pad_multiple
         B = len(rows)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)  # (B, T)
         labels = torch.full((B, T), IGNORE, dtype=torch.long)

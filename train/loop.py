@@ -171,12 +171,13 @@ def build_data(cfg: Config, tok, run_dir: Path, log) -> _Data:
         log(f"data: {line}")
     rows = pack_examples(examples, cfg.data.max_len, cfg.train.seed) if cfg.data.pack else examples
     plan = BatchPlan(rows, cfg.train.batch_size, cfg.train.seed, tok.pad_token_id,
-                     group_by_length=not cfg.data.pack)
+                     group_by_length=not cfg.data.pack, pad_multiple=cfg.data.pad_to_multiple_of)
     eval_plan = None
     if cfg.data.eval:
         ev, _ = build_examples(cfg.data.eval, tok, cfg.data.format, cfg.data.max_len,
                                cfg.data.mask_prompt, cfg.data.mask_mode, cache_dir=cache)
-        eval_plan = BatchPlan(ev, cfg.train.batch_size, cfg.train.seed, tok.pad_token_id, shuffle=False)
+        eval_plan = BatchPlan(ev, cfg.train.batch_size, cfg.train.seed, tok.pad_token_id, shuffle=False,
+                              pad_multiple=cfg.data.pad_to_multiple_of)
     total = cfg.train.max_steps or math.ceil(cfg.train.epochs * len(plan) / cfg.train.grad_accum)
     return _Data(plan, eval_plan, summary, total)
 
