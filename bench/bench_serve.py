@@ -156,6 +156,8 @@ def _load(args, model_dir, root, openai) -> dict:
     m1 = _server_metrics(root)
     steps = m1["leantune_decode_steps_total"] - m0["leantune_decode_steps_total"]
     batch = m1["leantune_batch_size_sum"] - m0["leantune_batch_size_sum"]
+    decode_s = m1["leantune_decode_seconds_total"] - m0["leantune_decode_seconds_total"]
+    prefill_s = m1["leantune_prefill_seconds_total"] - m0["leantune_prefill_seconds_total"]
 
     def ttft(rows):
         xs = sorted(r[1] for r in rows)
@@ -164,11 +166,12 @@ def _load(args, model_dir, root, openai) -> dict:
     seq_tps = sum(r[0] for r in seq) / seq_s
     con_tps = sum(r[0] for r in results) / con_s
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "model": model_dir.name,
+            "cpu": _cpu_name(), "threads": int(m1.get("leantune_model_threads", 0)), "model": model_dir.name,
             "requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
             "sequential": {"tokens_per_s": seq_tps, "seconds": seq_s, "ttft": ttft(seq)},
             "concurrent": {"tokens_per_s": con_tps, "seconds": con_s, "ttft": ttft(results),
-                           "mean_batch": batch / max(1, steps)},
+                           "mean_batch": batch / max(1, steps), "decode_steps": int(steps),
+                           "mean_step_s": decode_s / max(1, steps), "prefill_s": prefill_s},
             "throughput_ratio": con_tps / seq_tps}
 
 

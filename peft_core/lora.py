@@ -283,6 +283,7 @@ class LoraLinear(nn.Module):
         self.variant_state: dict[str, dict] = {}  # adapter -> its variant's non-parameter state
         self.variant_cache: dict = {}  # variants' caches of base-weight functions (cleared when it changes)
         self._stack_cache = None  # (key, A, B) of the last mixed-adapter batch (_stacked_weights)
+        self._scale_cache = None  # (key, scales) of the last mixed-adapter batch (_row_scales)
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora=use_rslora, init=init, kind=kind,
                          base_quant=base_quant, loftq_iters=loftq_iters)
 
@@ -540,8 +541,8 @@ class LoraLinear(nn.Module):
         out = self._stacked_lora(x, base_out, rows, stacked) if stacked else base_out
         for n, idx in groups.items():
             names = [n] if n in self.adapters else []
-            if n in stacked and not self._needs_init_delta(names):
-                continue
+            if (n in stacked or not names) and not self._needs_init_delta(names):
+                continue  # already right: a stacked adapter's rows, or base rows (base(x) itself)
             idx_t = torch.tensor(idx, device=x.device)
             xs = x.index_select(0, idx_t)
             if n in stacked:
@@ -581,18 +582,30 @@ class LoraLinear(nn.Module):
         adapter zeroed (its scale inside), then one addmm with [B_1, B_2, ...]. Rows of other
         adapters (and of the base) get exact zeros: their output stays base(x)."""
         A, B = self._stacked_weights(names)
-        scale = torch.zeros(len(rows), A.shape[0], dtype=A.dtype, device=x.device)
-        col = 0
-        for n in names:
-            r = self.adapters[n].r
-            pick = torch.tensor([row == n for row in rows], device=x.device)
-            scale[pick, col:col + r] = self.adapters[n].scaling
-            col += r
+        scale = self._row_scales(rows, names, A.dtype, x.device)
         lead = x.shape[:-1]
         xa = F.linear(x.to(A.dtype), A) * scale.view(len(rows), *([1] * (len(lead) - 1)), -1)
         y = base_out.reshape(-1, B.shape[0]).to(A.dtype)
         y = torch.addmm(y, xa.reshape(-1, A.shape[0]), B.t())
         return y.to(base_out.dtype).reshape(*lead, B.shape[0])
+
+    def _row_scales(self, rows, names, dtype, device):
+        """(rows, R): row i's adapter scaling on its adapter's columns of the stacked A, 0
+        elsewhere; kept while the rows and adapters stay (a decode batch keeps them for many
+        steps)."""
+        key = (tuple(rows), tuple((n, self.adapters[n].r, self.adapters[n].scaling) for n in names), dtype, device)
+        hit = self._scale_cache
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        scale = torch.zeros(len(rows), sum(self.adapters[n].r for n in names), dtype=dtype)
+        col = 0
+        for n in names:
+            r = self.adapters[n].r
+            scale[torch.tensor([row == n for row in rows]), col:col + r] = self.adapters[n].scaling
+            col += r
+        scale = scale.to(device)
+        self._scale_cache = (key, scale)
+        return scale
 
     # -- merging -------------------------------------------------------------------------
     @torch.no_grad()

@@ -219,6 +219,11 @@ def test_mixed_rows_compute_the_base_once_and_match_each_adapter(quant, monkeypa
     assert calls.count(4) == n_lora and len(calls) == n_lora  # one full-batch base pass a layer
     for i, n in enumerate(rows):
         torch.testing.assert_close(mixed[i], want[n][i], rtol=1e-4, atol=1e-5)
+    for rows in (["g", BASE, "a", "g"], ["a", "g", BASE, "a"]):  # the layers' cached row scales follow
+        with torch.no_grad(), adapter_rows(model, rows):
+            mixed = model(ids)
+        for i, n in enumerate(rows):
+            torch.testing.assert_close(mixed[i], want[n][i], rtol=1e-4, atol=1e-5)
     rows = ["d", "a", BASE, "g"]  # DoRA has its own forward: its rows take their own base pass
     with torch.no_grad():
         set_active_adapter(model, "d")

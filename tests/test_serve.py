@@ -287,5 +287,22 @@ def test_metrics_and_health(server):
     assert httpx.get(url + "/health").json()["status"] == "ok"
     text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer sekret"}).text
     for name in ("leantune_requests_total", "leantune_tokens_out_total", "leantune_queue_depth",
-                 "leantune_time_to_first_token_seconds_sum", "leantune_batch_size_sum"):
+                 "leantune_time_to_first_token_seconds_sum", "leantune_batch_size_sum",
+                 "leantune_decode_seconds_total", "leantune_prefill_seconds_total", "leantune_prefills_total"):
         assert name in text
+    values = dict(line.split() for line in text.splitlines())
+    assert int(values["leantune_model_threads"]) == torch.get_num_threads()
+    assert float(values["leantune_prefills_total"]) >= 1 and float(values["leantune_prefill_seconds_total"]) > 0
+    assert float(values["leantune_decode_seconds_total"]) > 0
+
+
+def test_serve_threads_leave_a_core_to_the_http_layer(monkeypatch):
+    import leantune.serve as serve_mod
+    from leantune.cli import build_parser
+
+    monkeypatch.setattr(serve_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert serve_mod.default_threads() == 3
+    monkeypatch.setattr(serve_mod.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert serve_mod.default_threads() == 1
+    args = build_parser().parse_args(["serve", "m", "--threads", "2"])
+    assert args.threads == 2 and build_parser().parse_args(["serve", "m"]).threads is None
