@@ -140,6 +140,15 @@ LT_API void lt_lora_down_bf16(const uint16_t *x, int64_t M, int64_t n, const flo
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t m0 = blk * RB;
             const int rows = M - m0 < RB ? (int)(M - m0) : RB;
+            if (!xf) {  /* no buffer: the plain sums */
+                for (int64_t m = m0; m < m0 + rows; m++)
+                    for (int64_t k = 0; k < r; k++) {
+                        float t = 0.0f;
+                        for (int64_t i = 0; i < n; i++) t += lt_bf(x[m * n + i]) * W[k * n + i];
+                        out[m * r + k] = t;
+                    }
+                continue;
+            }
             for (int a = 0; a < RB; a++) {
                 float *xa = xf + a * n;
                 if (a < rows) {
