@@ -3,7 +3,10 @@
 # micro-benchmarks, and end-to-end QLoRA training steps (leantune vs transformers + PEFT +
 # bitsandbytes) on random-weight Llama models of 1B, 3B and 8B shapes at seq 2048.
 #
-#   bash bench/gpu_suite.sh [STAGE ...]       STAGE: info tests micro e2e all (default: all)
+#   bash bench/gpu_suite.sh [STAGE ...]       STAGE: info tests micro profile e2e all (default: all)
+#
+# profile: one step of each provider at the first of SHAPES under torch.profiler
+# (bench/profile_step.py): top kernels, summed GPU time against wall time, kernels a step.
 #
 # Each stage fits one device command (10 minutes); on a lease run them as separate calls,
 # e.g. `bash bench/gpu_suite.sh info tests micro`, then `SHAPES="1b 3b" bash bench/gpu_suite.sh e2e`,
@@ -80,6 +83,15 @@ run_stage() {
         "$PY" bench/bench_quant_gpu.py --out "$RESULTS" 2>&1 | tee "$LOGS/micro.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
         ;;
+    profile)
+        shape=${SHAPES%% *}
+        for provider in ${PROVIDERS//,/ }; do
+            say "profile: $provider, llama-$shape random, batch $BATCH x seq $SEQ"
+            "$PY" -m leantune.bench.profile_step --random-shape "$shape" --seq "$SEQ" --batch "$BATCH" \
+                --rank "$RANK" --provider "$provider" --top 30 2>&1 | tee "$LOGS/profile-$provider-$shape.log"
+            [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        done
+        ;;
     e2e)
         for shape in $SHAPES; do
             say "end to end: llama-$shape random, batch $BATCH x seq $SEQ, r$RANK"
@@ -95,7 +107,7 @@ run_stage() {
         for s in info tests micro e2e; do run_stage "$s"; done
         ;;
     *)
-        echo "gpu_suite: unknown stage '$1' (info tests micro e2e all)" >&2
+        echo "gpu_suite: unknown stage '$1' (info tests micro profile e2e all)" >&2
         exit 2
         ;;
     esac

@@ -1,7 +1,8 @@
 """Profile one QLoRA training step (leantune or the peer) with ``torch.profiler``.
 
-Prints the top kernels/ops by self device time (or CPU time without CUDA) and the step's
-wall time against the summed device time (a large gap means launch-bound or synchronising).
+Prints the top kernels/ops by self device time (or CPU time without CUDA), the step's wall
+time against the summed device time (a large gap means launch-bound or synchronising) and,
+on a GPU, the number of kernels the step ran.
 Uses the same setup as ``bench/e2e.py`` (random-weight Llama shapes, same batch and LoRA).
 
     python -m leantune.bench.profile_step --random-shape 1b --seq 2048 [--provider leantune|peer] [--top 25]
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
           f"step {wall * 1e3:.1f} ms wall")
     if cuda:
         dev_us = sum(e.self_device_time_total for e in prof.key_averages())
-        print(f"summed self device time {dev_us / 1e3:.1f} ms")
+        kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"summed self device time {dev_us / 1e3:.1f} ms; GPU kernels a step: {kernels}")
     print(prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     return 0
 

@@ -13,10 +13,10 @@ Math, for hidden states H (N, C), head weight W (V, C), targets y (N,):
     dZ = g * (softmax(Z) - onehot(y))
     dH = dZ W            dW = dZ^T H
 
-On the CPU each chunk's per-row work (max, exp, sum, log, softmax - onehot) is one C kernel
-over L2-resident rows (``quant.rowops.xent_rows_``; with bf16 products it reads and writes
-the bf16 logits in place, fp32 math inside, so no fp32 copy of them exists), and the buffers
-come from the host pool; elsewhere it is the same math in PyTorch ops.
+Each chunk's per-row work (max, exp, sum, log, softmax - onehot) is one kernel
+(``quant.rowops.xent_rows_``: C over L2-resident rows on the CPU, buffers from the host pool;
+Triton on CUDA); with bf16 products it reads and writes the bf16 logits in place, fp32 math
+inside, so no fp32 copy of them exists. Elsewhere it is the same math in PyTorch ops.
 
 Precision: the products run in H's dtype (fp16/bf16 on tensor cores, as transformers computes
 its head before upcasting the logits) and everything per-logit (logsumexp, softmax, dZ) in
@@ -65,9 +65,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dh = (hostpool.empty_like(hidden) if cpu else torch.empty_like(hidden)) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         z_shape = (min(chunk, hidden.shape[0]), weight.shape[0])
-        # bf16 products on the CPU: the C rows kernel reads and writes the bf16 logits in place
-        z_dt = mm if cpu and mm == torch.bfloat16 and rowops.xent_rows_takes(mm) else acc
-        z_buf = hostpool.empty(z_shape, z_dt) if cpu else torch.empty(z_shape, dtype=acc, device=hidden.device)
+        # bf16 products: the rows kernel (C on the CPU, Triton on CUDA) reads and writes the
+        # bf16 logits in place, so no fp32 copy of them exists
+        z_dt = mm if mm == torch.bfloat16 and rowops.xent_rows_takes(mm, hidden.device) else acc
+        z_buf = hostpool.empty(z_shape, z_dt) if cpu else torch.empty(z_shape, dtype=z_dt, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(mm)
             t = targets[s:s + chunk]

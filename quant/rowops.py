@@ -7,22 +7,25 @@
 The spec is the plain PyTorch expression (``rms_norm_reference``, ``swiglu_reference``);
 autograd through it takes four to eight passes over memory for each backward. The Functions
 here save only what the backward needs (x and r for the norm; g and u for SwiGLU, never
-silu(g)) and, for fp32 or bf16 tensors on the CPU, run the kernels of ``csrc/rowops.c``, one
-pass each way (bf16: fp32 math inside, one rounding per output). Elsewhere (GPU, fp16, mixed
-dtypes, ``LEANTUNE_BACKEND=reference``, no compiler) the same Functions compute with PyTorch
-ops. Backward formulas, with g = dL/dy:
+silu(g)) and run one kernel each way: for fp32 or bf16 tensors on the CPU the kernels of
+``csrc/rowops.c``, for fp32 / fp16 / bf16 CUDA tensors those of ``quant/triton_rowops.py``
+(fp32 math inside, one rounding per output). Elsewhere (fp16 on the CPU, mixed dtypes,
+``LEANTUNE_BACKEND=reference``, no compiler, no Triton) the same Functions compute with
+PyTorch ops; the choice is ``quant.dispatch.op_backend``'s. Backward formulas, with g = dL/dy:
 
     RMSNorm   xh = x * r;   dx = r * (g*w - xh * mean(g*w*xh, -1));   dw = sum_rows(g * xh)
     SwiGLU    s = sigmoid(g);   dg = dh * u * s * (1 + g * (1 - s));   du = dh * g * s
     RoPE      dx = g * c + rotate_half^T(g * s)   (rotate_half^T(y) = cat(y2, -y1))
 
-The C kernels sum in another order than PyTorch (the norm's sum of squares in double), so
-they agree with the spec to ~1e-7 relative, not bit for bit; ``tests/test_rowops.py``
-checks both paths against float64.
+The kernels sum in another order than PyTorch (the C norm's sum of squares in double), so
+they agree with the spec to ~1e-7 relative in fp32, not bit for bit; ``tests/test_rowops.py``
+and ``tests/test_triton_rowops.py`` check every path against float64.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -63,6 +66,34 @@ def _c_kernel(name: str, *tensors):
     return getattr(_LOADER.get(), f"lt_{name}_{suffix}")
 
 
+@functools.cache
+def _triton_module():
+    """``quant.triton_rowops``, or None when Triton cannot be imported."""
+    try:
+        from leantune.quant import triton_rowops
+    except ImportError:
+        return None
+    return triton_rowops
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_ops(*tensors):
+    """``quant.triton_rowops`` when every tensor is on one CUDA device (or on the CPU under
+    ``TRITON_INTERPRET=1``, the tests) with one fp32 / fp16 / bf16 dtype and the rule of
+    ``op_backend`` picks Triton (on CUDA by default; on the CPU only when forced); else None."""
+    t0 = tensors[0]
+    if t0.dtype not in _TRITON_DTYPES or not all(t.dtype == t0.dtype and t.device == t0.device for t in tensors):
+        return None
+    if t0.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    module = _triton_module()
+    if op_backend(t0, cpu=_LOADER.get() is not None, triton=module is not None) != "triton":
+        return None
+    return module
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -83,7 +114,10 @@ class RMSNormFunction(torch.autograd.Function):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         kernel = _c_kernel("rmsnorm_fwd", x2, weight)
-        if kernel is not None:
+        tri = _triton_ops(x2, weight) if kernel is None else None
+        if tri is not None:
+            y, rstd = tri.rmsnorm_fwd(x2, weight, eps)
+        elif kernel is not None:
             x2, w = x2.contiguous(), weight.contiguous()
             y = hostpool.empty_like(x2)
             rstd = torch.empty(x2.shape[0], dtype=torch.float32)
@@ -101,6 +135,10 @@ class RMSNormFunction(torch.autograd.Function):
         C = x2.shape[-1]
         dy2 = dy.reshape(-1, C)
         dx = dw = None
+        tri = _triton_ops(x2, weight, dy2)
+        if tri is not None:  # both gradients from one launch
+            dx, dw = tri.rmsnorm_bwd(x2, weight, rstd, dy2, *ctx.needs_input_grad[:2])
+            return (None if dx is None else dx.reshape(dy.shape)), dw, None
         if ctx.needs_input_grad[0]:
             kernel = _c_kernel("rmsnorm_bwd", x2, weight, dy2)
             if kernel is not None:
@@ -133,7 +171,12 @@ def swiglu_reference(g, u):
 
 def swiglu_forward(g, u):
     """silu(g) * u without autograd (also the recompute of the MLP's saved activation)."""
-    kernel = _c_kernel("swiglu_fwd", g, u) if g.shape == u.shape else None
+    if g.shape != u.shape:
+        return F.silu(g) * u
+    tri = _triton_ops(g, u)
+    if tri is not None:
+        return tri.swiglu_fwd(g, u)
+    kernel = _c_kernel("swiglu_fwd", g, u)
     if kernel is not None:
         g, u = g.contiguous(), u.contiguous()
         h = hostpool.empty_like(g)
@@ -154,7 +197,11 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        kernel = _c_kernel("swiglu_bwd", g, u, dy) if g.shape == u.shape == dy.shape else None
+        same = g.shape == u.shape == dy.shape
+        tri = _triton_ops(g, u, dy) if same else None
+        if tri is not None:
+            return tri.swiglu_bwd(g, u, dy)
+        kernel = _c_kernel("swiglu_bwd", g, u, dy) if same else None
         if kernel is not None:
             g, u, dy = g.contiguous(), u.contiguous(), dy.contiguous()
             dg, du = hostpool.empty_like(g), hostpool.empty_like(u)
@@ -181,7 +228,11 @@ def rope_reference(x, cos, sin):
 
 
 def _rope_c(x, cos, sin, backward: bool):
-    """The C kernel on x (B, H, T, D), strided over B, H, T; out is contiguous (B, H, T, D)."""
+    """The kernel on x (B, H, T, D), strided over B, H, T; out is contiguous (B, H, T, D):
+    Triton's on CUDA, else the C one."""
+    tri = _triton_ops(x, cos, sin)
+    if tri is not None:
+        return tri.rope(x, cos, sin, backward)
     if x.stride(-1) != 1:
         x = x.contiguous()
     B, H, T, D = x.shape
@@ -209,28 +260,40 @@ class RoPEFunction(torch.autograd.Function):
 def apply_rope(x, cos, sin):
     """Rotary embedding of x (B, H, T, D) with cos / sin (B or 1, 1, T, D): the C kernel for
     fp32 or bf16 CPU tensors of those shapes (unit stride over D, tables contiguous over T and D),
-    else the spec."""
+    the Triton one for such CUDA tensors (fp16 too), else the spec."""
     if (x.dim() == 4 and cos.dim() == 4 and cos.shape == sin.shape and x.shape[-1] % 2 == 0
             and cos.shape[1] == 1 and cos.shape[2:] == x.shape[2:] and cos.shape[0] in (1, x.shape[0])
             and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.stride(2) == x.shape[-1]
-            and not (cos.requires_grad or sin.requires_grad) and _c_kernel("rope", x, cos, sin) is not None):
+            and not (cos.requires_grad or sin.requires_grad)
+            and (_triton_ops(x, cos, sin) is not None or _c_kernel("rope", x, cos, sin) is not None)):
         return RoPEFunction.apply(x, cos, sin)
     return rope_reference(x, cos, sin)
 
 
 # -- cross-entropy rows (the kernel of train/chunked_ce.py) ---------------------------------------
-def xent_rows_takes(dtype) -> bool:
-    """True when ``xent_rows_`` runs its C kernel on CPU logits of ``dtype``."""
-    return dtype in _SUFFIX and op_backend(torch.empty(0), cpu=_LOADER.get() is not None) == "cpu"
+def xent_rows_takes(dtype, device="cpu") -> bool:
+    """True when ``xent_rows_`` runs a kernel (C on the CPU, Triton on CUDA) on logits of
+    ``dtype`` on ``device``."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    if probe.device.type == "cuda" or _triton_ops(probe) is not None:
+        return _triton_ops(probe) is not None
+    return dtype in _SUFFIX and op_backend(probe, cpu=_LOADER.get() is not None) == "cpu"
 
 
 def xent_rows_(z, targets):
-    """For logits z (n, V) fp32 or bf16 and targets (n,): returns (lse, z_target) in fp32 and
-    overwrites z with softmax(z) - onehot(targets), the gradient of each row's loss (fp32 math;
-    bf16 z: rounded once); None when the C kernel cannot run (the caller computes it with
-    PyTorch ops)."""
-    if not (_c_kernel("xent_rows", z) is not None and z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
+    """For logits z (n, V) and targets (n,): returns (lse, z_target) in fp32 and overwrites z
+    with softmax(z) - onehot(targets), the gradient of each row's loss (fp32 math; bf16 z:
+    rounded once); None when no kernel can run (the caller computes it with PyTorch ops).
+    The C kernel takes fp32 / bf16 CPU logits and raises IndexError for a target out of
+    range; the Triton kernel takes CUDA logits and gives that row a NaN loss instead (no host
+    sync; the data loader has checked every token id against the vocabulary)."""
+    if not (z.dim() == 2 and z.is_contiguous() and targets.dim() == 1
             and targets.shape[0] == z.shape[0] and z.shape[1] > 0):
+        return None
+    tri = _triton_ops(z) if targets.device == z.device else None
+    if tri is not None:
+        return tri.xent_rows_(z, targets)
+    if _c_kernel("xent_rows", z) is None:
         return None
     t = targets.to(torch.int64).contiguous()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= z.shape[1]):

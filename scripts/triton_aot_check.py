@@ -1,4 +1,8 @@
-"""Compile every autotune config of the Triton 4-bit kernels for sm_80 and sm_90, without a GPU.
+"""Compile every autotune config of the Triton kernels for sm_80 and sm_90, without a GPU.
+
+The 4-bit matmul and GEMV configs, and the row kernels of ``quant/triton_rowops.py`` (RMSNorm,
+SwiGLU, RoPE, cross-entropy rows) in bf16, fp16 and fp32 at the launch settings their
+launchers pick for Llama shapes.
 
 Triton compiles ahead of time for a named target (``GPUTarget``) on any machine: the PTX is
 built by the bundled LLVM and assembled by the bundled ptxas. A compiler crash on one tile
@@ -26,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 
 from leantune.quant import triton_matmul as TM  # noqa: E402
+from leantune.quant import triton_rowops as TR  # noqa: E402
 from leantune.quant.functional import get_code  # noqa: E402
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -59,6 +64,41 @@ def _matmul_jobs(quick: bool):
                    f"gemv lut={'registers' if lut else 'memory'} {c}")
 
 
+def _rowops_jobs(quick: bool):
+    """The row kernels at the launch settings of their launchers (hidden sizes 576 to 8192,
+    head_dim 64 and 128, vocabularies up to 128256)."""
+    for dt in (("bf16",) if quick else ("bf16", "fp16", "fp32")):
+        p = DTYPES[dt]
+        for C in (576, 2048, 4096, 8192):
+            block = triton.next_power_of_2(C)
+            yield (TR._rmsnorm_fwd_kernel,
+                   {"x_ptr": p, "w_ptr": p, "y_ptr": p, "rstd_ptr": "*fp32", "stride_x": "i32", "stride_y": "i32",
+                    "C": "i32", "eps": "fp32"}, dict(BLOCK_C=block), TR._warps(block), 1, f"rmsnorm fwd {dt} C={C}")
+            for need_dx, need_dw in ((True, True), (True, False), (False, True)):
+                yield (TR._rmsnorm_bwd_kernel,
+                       {"x_ptr": p, "w_ptr": p, "rstd_ptr": "*fp32", "dy_ptr": p, "dx_ptr": p, "dw_ptr": "*fp32",
+                        "stride_x": "i32", "stride_dy": "i32", "stride_dx": "i32", "n_rows": "i32", "C": "i32",
+                        "rows_per_program": "i32"}, dict(NEED_DX=need_dx, NEED_DW=need_dw, BLOCK_C=block),
+                       TR._warps(block), 1, f"rmsnorm bwd {dt} C={C} dx={need_dx} dw={need_dw}")
+        yield (TR._swiglu_fwd_kernel, {"g_ptr": p, "u_ptr": p, "h_ptr": p, "n": "i32"},
+               dict(BLOCK=TR.ELEMENTS), 4, 1, f"swiglu fwd {dt}")
+        yield (TR._swiglu_bwd_kernel, {"g_ptr": p, "u_ptr": p, "dh_ptr": p, "dg_ptr": p, "du_ptr": p, "n": "i32"},
+               dict(BLOCK=TR.ELEMENTS), 4, 1, f"swiglu bwd {dt}")
+        for D in (64, 128):
+            for backward in (False, True):
+                block_d = D // 2
+                yield (TR._rope_kernel,
+                       {"x_ptr": p, "c_ptr": p, "s_ptr": p, "o_ptr": p, "sxb": "i32", "sxh": "i32", "sxt": "i32",
+                        "scb": "i32", "H": "i32", "T": "i32", "HALF": "i32"},
+                       dict(BACKWARD=backward, BLOCK_T=TR.ROPE_TILE // block_d, BLOCK_D=block_d), 4, 1,
+                       f"rope {dt} D={D} backward={backward}")
+        for V in (49152, 128256):
+            block = min(TR.XENT_BLOCK, triton.next_power_of_2(V))
+            yield (TR._xent_rows_kernel, {"z_ptr": p, "t_ptr": "*i64", "lse_ptr": "*fp32", "zt_ptr": "*fp32",
+                                          "V": "i32", "stride_z": "i32"},
+                   dict(BLOCK_V=block), TR._warps(block), 1, f"xent rows {dt} V={V}")
+
+
 def _compile(fn, sig, const, warps, stages, arch):
     full = dict(sig)
     for k in const:
@@ -76,7 +116,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     bad = ok = 0
-    for fn, sig, const, warps, stages, what in _matmul_jobs(args.quick):
+    for fn, sig, const, warps, stages, what in (*_matmul_jobs(args.quick), *_rowops_jobs(args.quick)):
         if args.match not in what:
             continue
         for arch in args.arch:

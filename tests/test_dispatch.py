@@ -34,7 +34,7 @@ def test_row_ops_follow_the_rule(monkeypatch):
     assert rowops._c_kernel("rmsnorm_fwd", x, w) is not None
     monkeypatch.setenv(dispatch.ENV, "reference")
     assert rowops._c_kernel("rmsnorm_fwd", x, w) is None
-    monkeypatch.setenv(dispatch.ENV, "triton")  # no Triton row kernel: the reference, not an error
+    monkeypatch.setenv(dispatch.ENV, "triton")  # Triton row kernels (quant/triton_rowops.py), not C
     assert rowops._c_kernel("rmsnorm_fwd", x, w) is None
     monkeypatch.setenv(dispatch.ENV, "cpu")
     assert rowops._c_kernel("rmsnorm_fwd", x.double(), w.double()) is None  # fp64: no kernel

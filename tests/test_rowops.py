@@ -1,7 +1,15 @@
-"""The fused row ops (quant/rowops.py, csrc/rowops.c) against float64 references, and the
-block's recompute of saved activations (peft_core/model.py ``recompute_saved``) against the
-plain backward: the same gradients bit for bit, and less kept for the backward."""
+"""The fused row ops (quant/rowops.py, csrc/rowops.c, quant/triton_rowops.py) against float64
+references, and the block's recompute of saved activations (peft_core/model.py
+``recompute_saved``) against the plain backward: the same gradients bit for bit, and less
+kept for the backward.
+
+Each op runs on three paths: "c" (the C kernels), "reference" (PyTorch ops, what a GPU ran
+before the Triton kernels) and "triton" (``LEANTUNE_BACKEND=triton`` on CPU tensors, under
+Triton's interpreter, which tests/conftest.py turns on without CUDA; fp32 here, the bf16
+checks on a GPU are in tests/test_triton_rowops.py)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,16 +21,36 @@ from leantune.quant.modules import replace_linears
 from tests.helpers import tiny_model
 
 needs_c = pytest.mark.skipif(rowops._LOADER.get() is None, reason="the C row kernels do not build here")
-PATHS = [pytest.param("c", marks=needs_c), "reference"]
+needs_interpreter = pytest.mark.skipif(
+    rowops._triton_module() is None or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="Triton is not installed, or does not run with its interpreter (TRITON_INTERPRET=1)")
+PATHS = [pytest.param("c", marks=needs_c), "reference", pytest.param("triton", marks=needs_interpreter)]
+
+
+TRITON_LAUNCHERS = ("rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rope", "xent_rows_")
+
+
+def spy_triton(monkeypatch) -> list:
+    """Record the name of every ``quant.triton_rowops`` launcher called from now on."""
+    from leantune.quant import triton_rowops
+
+    calls = []
+    for name in TRITON_LAUNCHERS:
+        real = getattr(triton_rowops, name)
+        monkeypatch.setattr(triton_rowops, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    return calls
 
 
 @pytest.fixture
 def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setenv("LEANTUNE_BACKEND", "reference")
+    if request.param in ("reference", "triton"):
+        monkeypatch.setenv("LEANTUNE_BACKEND", request.param)
     else:
         monkeypatch.delenv("LEANTUNE_BACKEND", raising=False)
-    return request.param
+    calls = spy_triton(monkeypatch) if request.param == "triton" else None
+    yield request.param
+    if calls is not None:  # the Triton path really ran its kernels
+        assert calls, "no Triton row kernel ran on the triton path"
 
 
 def _rms64(x, w, eps):
@@ -119,7 +147,7 @@ def test_rope_matches_reference(path, B, H, T, D, table_batch, transposed):
     leaf = base.clone().requires_grad_()
     x = leaf.transpose(1, 2) if transposed else leaf
     y = rowops.apply_rope(x, cos, sin)
-    assert (type(y.grad_fn).__name__ == "RoPEFunctionBackward") == (path == "c")
+    assert (type(y.grad_fn).__name__ == "RoPEFunctionBackward") == (path in ("c", "triton"))
     assert torch.equal(y.detach(), rowops.rope_reference(x.detach(), cos, sin))
     g = torch.randn(y.shape, generator=gen)
     (dx,) = torch.autograd.grad(y, leaf, g)
@@ -213,6 +241,61 @@ def test_chunked_ce_paths_match_float64(path, scale):
     assert abs(float(got) - float(want)) <= tol * max(1.0, abs(float(want)))
     torch.testing.assert_close(gh.double(), wh, rtol=tol, atol=tol)
     torch.testing.assert_close(gw.double(), ww, rtol=tol, atol=tol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("V", [1, 7, 5000], ids=str)
+def test_triton_xent_rows_match_float64(V, monkeypatch):
+    """The Triton rows kernel: lse, z[t] and softmax - onehot, with a vocabulary of one, and
+    one longer than a loop block (the online logsumexp over several blocks); a target out of
+    range gives that row a NaN loss and reads nothing outside the row."""
+    from leantune.quant import triton_rowops
+
+    monkeypatch.setenv("LEANTUNE_BACKEND", "triton")
+    assert V < triton_rowops.XENT_BLOCK or V > 2 * triton_rowops.XENT_BLOCK // 2
+    gen = torch.Generator().manual_seed(V)
+    z = torch.randn(6, V, generator=gen) * 20
+    t = torch.randint(0, V, (6,), generator=gen)
+    t[-1] = V  # out of range
+    got = z.clone()
+    lse, zt = rowops.xent_rows_(got, t)
+    z64 = z.double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z64, -1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(zt[:-1].double(), z64[torch.arange(5), t[:-1]])
+    assert torch.isnan(zt[-1])
+    want = torch.softmax(z64, -1)
+    want[torch.arange(5), t[:-1]] -= 1
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+def test_triton_path_runs_a_model_as_the_reference_does(monkeypatch):
+    """A LoRA model's loss and every adapter gradient through the Triton row kernels equal
+    the PyTorch path's to fp32 rounding (the recompute of saved activations included)."""
+    from leantune.quant.chunked_ce import chunked_cross_entropy
+
+    results = {}
+    calls = spy_triton(monkeypatch)
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("LEANTUNE_BACKEND", backend)
+        model = tiny_model("llama", seed=4)
+        torch.manual_seed(1)
+        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+        hidden = model.model(ids)
+        loss = chunked_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), model.lm_head.weight,
+                                     ids[:, 1:].reshape(-1), 7)
+        loss.backward()
+        results[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert set(calls) == set(TRITON_LAUNCHERS)  # every kernel ran
+    (l0, g0), (l1, g1) = results["reference"], results["triton"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 @needs_c
