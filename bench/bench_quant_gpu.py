@@ -12,6 +12,10 @@ Providers compared in one run, median with 20/80 quantiles (``triton.testing.do_
 3. decoding, M = 1, (N, K) = (14336, 4096) and (4096, 14336): against the dense bf16 GEMV
    (target: >= 2.5x faster) and bitsandbytes' ``matmul_4bit`` (its GEMV path).
 
+4. the row ops and LoRA products (``quant/triton_rowops.py``, ``quant/triton_lora.py``) at
+   Llama-8B shapes, 2048 tokens, r16, bf16 activations, fp32 adapter: each kernel against the
+   PyTorch spec it replaces (``LEANTUNE_BACKEND=reference``), forward + backward.
+
 Rows are appended to ``bench/results/<device>-<date>.json`` (a JSON list) with device, date
 and versions. Without CUDA it prints a line and exits 0.
 
@@ -222,6 +226,66 @@ def bench_crossover(rec: Recorder, ms, n: int = 4096, k: int = 4096) -> None:
                     best_over_dense=min(t_f[0], t_r[0], t_u[0]) / t_d[0])
 
 
+@contextlib.contextmanager
+def _backend(value: str | None):
+    old = os.environ.get("LEANTUNE_BACKEND")
+    if value is None:
+        os.environ.pop("LEANTUNE_BACKEND", None)
+    else:
+        os.environ["LEANTUNE_BACKEND"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LEANTUNE_BACKEND", None)
+        else:
+            os.environ["LEANTUNE_BACKEND"] = old
+
+
+def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: int = 14336, heads: int = 32,
+                  head_dim: int = 128, rank: int = 16, vocab: int = 128256) -> None:
+    """Triton kernels against the PyTorch spec, forward and backward (the autograd Functions)."""
+    from leantune.quant import lora_mixed, rowops
+    from leantune.quant.chunked_ce import chunked_cross_entropy
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, **bf, requires_grad=True)
+    w = torch.ones(hidden, **bf, requires_grad=True)
+    g = torch.randn(tokens, inter, **bf, requires_grad=True)
+    u = torch.randn(tokens, inter, **bf, requires_grad=True)
+    q = torch.randn(1, tokens, heads, head_dim, **bf).transpose(1, 2).requires_grad_()
+    ang = torch.rand(1, 1, tokens, head_dim, device="cuda")
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    A = torch.randn(rank, hidden, device="cuda") * 0.01
+    B = torch.randn(hidden, rank, device="cuda") * 0.01
+    xa = torch.randn(tokens, rank, device="cuda")
+    head = torch.randn(vocab, 2048, **bf) * 0.02
+    hh = torch.randn(1024, 2048, **bf, requires_grad=True)
+    tgt = torch.randint(0, vocab, (1024,), device="cuda")
+
+    def fwd_bwd(f, inputs):
+        def run():
+            out = f()
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return run
+
+    cases = {
+        "rmsnorm": fwd_bwd(lambda: rowops.rms_norm(x, w, 1e-5), (x, w)),
+        "swiglu": fwd_bwd(lambda: rowops.SwiGLU.apply(g, u), (g, u)),
+        "rope": fwd_bwd(lambda: rowops.apply_rope(q, cos, sin), (q,)),
+        "lora_down": lambda: lora_mixed.down(x.detach(), A),
+        "lora_up": lambda: lora_mixed.up(x.detach(), xa, B.t(), 2.0),
+        "lora_tgrad": lambda: lora_mixed.tgrad(xa, x.detach(), 2.0),
+        "xent_1024_rows": fwd_bwd(lambda: chunked_cross_entropy(hh, head, tgt, 1024), (hh,)),
+    }
+    for name, fn in cases.items():
+        with _backend(None):
+            t_k = _bench(fn)
+        with _backend("reference"):
+            t_r = _bench(fn)
+        rec.add(name, "triton / spec", (tokens, hidden), t_k, spec_ms=t_r[0], speedup=t_r[0] / t_k[0])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one shape a section")
@@ -247,6 +311,7 @@ def main(argv=None) -> int:
         bench_matmul(rec, 4096, 4096, 4096, transpose=True)
     bench_matmul(rec, 1, 14336, 4096, transpose=False)
     bench_matmul(rec, 1, 4096, 14336, transpose=False)
+    bench_row_ops(rec)
     if not args.quick:
         bench_crossover(rec, [16, 64, 256, 512, 1024, 2048, 4096])
 

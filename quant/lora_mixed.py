@@ -12,13 +12,19 @@ compiler):
     up(y, u, V, s)      bf16(y + s u V)                 (M, n) bf16     u (M, r), V (r, n)
     tgrad(u, x, s)      s u^T x                         (r, n) fp32
 
+On CUDA (bf16 or fp16 activations, fp32 adapter weights) the same three products are the
+Triton kernels of ``quant/triton_lora.py``: one launch each instead of the spec's cast, GEMM
+and cast.
+
 The kernels sum in another order (and scale u before the product in ``up``), so they agree
 with the spec to fp32 rounding, one bf16 rounding per output; ``tests/test_lora_mixed.py``
-checks both against float64.
+checks them against float64.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -42,12 +48,38 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.device.type == "cpu" and op_backend(x, cpu=_LOADER.get() is not None) == "cpu")
 
 
+@functools.cache
+def _triton_module():
+    try:
+        from leantune.quant import triton_lora
+    except ImportError:
+        return None
+    return triton_lora
+
+
+def _triton(x: torch.Tensor, w: torch.Tensor):
+    """``quant.triton_lora`` for bf16/fp16 activations ``x`` and fp32 weights ``w`` on one CUDA
+    device (or on the CPU under ``TRITON_INTERPRET=1`` when ``LEANTUNE_BACKEND=triton``: the
+    tests), when ``op_backend``'s rule picks Triton; else None."""
+    if not (x.dtype in (torch.bfloat16, torch.float16) and w.dtype == torch.float32 and x.device == w.device):
+        return None
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    module = _triton_module()
+    if op_backend(x, cpu=_LOADER.get() is not None, triton=module is not None) != "triton":
+        return None
+    return module
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
 def down(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """x W^T in fp32 (M, r), for x (M, n) and W (r, n)."""
+    tri = _triton(x, W)
+    if tri is not None:
+        return tri.down(x, W)
     if not applies(x, W):
         return x.to(W.dtype) @ W.t()
     x, W = x.contiguous(), W.contiguous()
@@ -59,6 +91,9 @@ def down(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 def up(y: torch.Tensor, u: torch.Tensor, V: torch.Tensor, s: float) -> torch.Tensor:
     """y + s u V in y's dtype (summed in V's), for y (M, n), u (M, r) and V (r, n)."""
+    tri = _triton(y, V) if u.dtype == torch.float32 else None
+    if tri is not None:
+        return tri.up(y, u, V, s)
     if not applies(y, V):
         return y.to(V.dtype).addmm_(u, V, alpha=s).to(y.dtype)
     y, u, V = y.contiguous(), u.contiguous().float(), V.contiguous()
@@ -68,12 +103,17 @@ def up(y: torch.Tensor, u: torch.Tensor, V: torch.Tensor, s: float) -> torch.Ten
     return out
 
 
-def tgrad(u: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
-    """s u^T x in fp32 (r, n), for u (M, r) and x (M, n)."""
+def tgrad(u: torch.Tensor, x: torch.Tensor, s: float, transpose: bool = False) -> torch.Tensor:
+    """s u^T x in fp32 (r, n), for u (M, r) and x (M, n); with ``transpose`` its transpose
+    (n, r), contiguous."""
+    tri = _triton(x, u)
+    if tri is not None:
+        return tri.tgrad(u, x, s, transpose)
     if not applies(x, u):
-        return torch.mm(u.t(), x.to(u.dtype)).mul_(s)
-    u, x = u.contiguous(), x.contiguous()
-    out = torch.empty(u.shape[1], x.shape[1], dtype=torch.float32)
-    _LOADER.get().lt_lora_tgrad_bf16(u.data_ptr(), u.shape[0], u.shape[1], x.data_ptr(), x.shape[1],
-                                     float(s), out.data_ptr(), _threads())
-    return out
+        out = torch.mm(u.t(), x.to(u.dtype)).mul_(s)
+    else:
+        u, x = u.contiguous(), x.contiguous()
+        out = torch.empty(u.shape[1], x.shape[1], dtype=torch.float32)
+        _LOADER.get().lt_lora_tgrad_bf16(u.data_ptr(), u.shape[0], u.shape[1], x.data_ptr(), x.shape[1],
+                                         float(s), out.data_ptr(), _threads())
+    return out.t().contiguous() if transpose else out

@@ -1,6 +1,6 @@
 """Compile every autotune config of the Triton kernels for sm_80 and sm_90, without a GPU.
 
-The 4-bit matmul and GEMV configs, and the row kernels of ``quant/triton_rowops.py`` (RMSNorm,
+The 4-bit matmul and GEMV configs, the LoRA products of ``quant/triton_lora.py``, and the row kernels of ``quant/triton_rowops.py`` (RMSNorm,
 SwiGLU, RoPE, cross-entropy rows) in bf16, fp16 and fp32 at the launch settings their
 launchers pick for Llama shapes.
 
@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 
 from leantune.quant import triton_matmul as TM  # noqa: E402
+from leantune.quant import triton_lora as TL  # noqa: E402
 from leantune.quant import triton_rowops as TR  # noqa: E402
 from leantune.quant.functional import get_code  # noqa: E402
 
@@ -99,6 +100,23 @@ def _rowops_jobs(quick: bool):
                    dict(BLOCK_V=block), TR._warps(block), 1, f"xent rows {dt} V={V}")
 
 
+def _lora_jobs(quick: bool):
+    """The LoRA products of ``quant/triton_lora.py`` (fp32 weights, half-precision activations)."""
+    i32 = "i32"
+    for dt in (("bf16",) if quick else ("bf16", "fp16")):
+        p = DTYPES[dt]
+        const = dict(BLOCK_M=TL.BM, BLOCK_N=TL.BN, BLOCK_R=TL.BR)
+        yield (TL._down_kernel, {"x_ptr": p, "w_ptr": "*fp32", "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
+                                 "sxm": i32, "sxn": i32, "swr": i32, "swn": i32, "som": i32, "sor": i32},
+               dict(BLOCK_M=TL.BM, BLOCK_K=TL.BN, BLOCK_R=TL.BR), 4, 1, f"lora down {dt}")
+        yield (TL._up_kernel, {"y_ptr": p, "u_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": p, "M": i32, "N": i32,
+                               "R": i32, "s": "fp32", "sym": i32, "syn": i32, "sum_": i32, "sur": i32, "svr": i32,
+                               "svn": i32, "som": i32, "son": i32}, const, 4, 1, f"lora up {dt}")
+        yield (TL._tgrad_kernel, {"u_ptr": "*fp32", "x_ptr": p, "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
+                                  "s": "fp32", "sum_": i32, "sur": i32, "sxm": i32, "sxn": i32, "sor": i32,
+                                  "son": i32}, const, 4, 1, f"lora tgrad {dt}")
+
+
 def _compile(fn, sig, const, warps, stages, arch):
     full = dict(sig)
     for k in const:
@@ -116,7 +134,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     bad = ok = 0
-    for fn, sig, const, warps, stages, what in (*_matmul_jobs(args.quick), *_rowops_jobs(args.quick)):
+    for fn, sig, const, warps, stages, what in (*_matmul_jobs(args.quick), *_rowops_jobs(args.quick), *_lora_jobs(args.quick)):
         if args.match not in what:
             continue
         for arch in args.arch:

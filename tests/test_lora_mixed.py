@@ -86,3 +86,88 @@ def test_fused_4bit_lora_on_a_bf16_base_keeps_fp32_adapter_math(backend, monkeyp
     # the adapter's gradients come from fp32 products of the bf16 tensors: fp32-close
     torch.testing.assert_close(A.grad.double(), A64.grad, rtol=1e-4, atol=1e-4 * A64.grad.abs().max().item())
     torch.testing.assert_close(B.grad.double(), B64.grad, rtol=1e-4, atol=1e-4 * B64.grad.abs().max().item())
+
+
+# -- the Triton kernels (quant/triton_lora.py): under the interpreter on the CPU, on CUDA natively --
+def _triton_ready():
+    import os
+
+    if lora_mixed._triton_module() is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+needs_triton = pytest.mark.skipif(not _triton_ready(), reason="no Triton, or no CUDA and no interpreter")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 stores truncate under the interpreter: up's rounding is checked in fp16 there, bf16 on a GPU
+UP_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Force Triton (also on CPU tensors under the interpreter) and record its launchers' calls."""
+    from leantune.quant import triton_lora
+
+    monkeypatch.setenv("LEANTUNE_BACKEND", "triton")
+    calls = []
+    for name in ("down", "up", "tgrad"):
+        real = getattr(triton_lora, name)
+        monkeypatch.setattr(triton_lora, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M,n,r", SHAPES)
+def test_triton_down_and_tgrad_match_float64(M, n, r, dtype, spy):
+    x = bf16(M, n, seed=1).to(DEV, dtype)
+    W, u = f32(r, n, seed=2).to(DEV), f32(M, r, seed=3).to(DEV)
+    Wt = f32(n, r, seed=2).to(DEV).t()  # B^T as the Function passes it: a strided view
+    for w in (W, Wt):
+        want = x.double() @ w.double().t()
+        got = lora_mixed.down(x, w)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    want = 0.5 * u.double().t() @ x.double()
+    got = lora_mixed.tgrad(u, x, 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    got_t = lora_mixed.tgrad(u, x, 0.5, transpose=True)  # dB's layout, written directly
+    assert got_t.is_contiguous() and got_t.shape == (n, r)
+    torch.testing.assert_close(got_t.double(), want.t(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert spy == ["down", "down", "tgrad", "tgrad"]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", UP_DTYPES, ids=str)
+@pytest.mark.parametrize("M,n,r", SHAPES)
+def test_triton_up_rounds_once(M, n, r, dtype, spy):
+    y = bf16(M, n, seed=4).to(DEV, dtype)
+    u, V = f32(M, r, seed=5).to(DEV), f32(n, r, seed=6).to(DEV).t()  # V strided, as lora_B.t()
+    exact = y.double() + 2.0 * u.double() @ V.double()
+    got = lora_mixed.up(y, u, V, 2.0)
+    assert got.dtype == dtype and got.shape == y.shape and spy == ["up"]
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    terms = y.double().abs() + 2.0 * u.double().abs() @ V.double().abs()
+    assert ((got.double() - exact).abs() <= exact.abs() * ulp + terms * r * 2**-23 + 2**-24).all()
+
+
+@needs_triton
+def test_triton_fused_4bit_lora_matches_the_reference(spy, monkeypatch):
+    """The fused Function with the Triton products (fp16 base, fp32 adapter): output and
+    every gradient as on the reference path."""
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(torch.nn.Linear(96, 80, bias=False), "nf4", 32, True, torch.float16).to(DEV)
+    A0, B0, g = f32(8, 96, seed=12).to(DEV), f32(80, 8, seed=13).to(DEV), bf16(3, 5, 80, seed=14).to(DEV).half()
+    x0 = bf16(3, 5, 96, seed=11).to(DEV).half()
+    out = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LEANTUNE_BACKEND", backend)
+        x, A, B = x0.clone().requires_grad_(), A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        y = lora_4bit(x, q.weight, q.quant_state, None, A, B, 2.0)
+        y.backward(g)
+        out[backend] = (y.detach(), x.grad, A.grad, B.grad)
+    assert sorted(set(spy)) == ["down", "tgrad", "up"]
+    for a, b in zip(out["triton"], out["reference"]):
+        assert a.dtype == b.dtype
+        tol = 2e-3 if a.dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
