@@ -384,13 +384,28 @@ def _fill_help(parser):
             _fill_help(child)
 
 
+def _resume_before_config(argv: list[str]) -> list[str]:
+    """``train --resume CONFIG.toml``: argparse would take the config for --resume's optional
+    CHECKPOINT (a folder) and then miss the config. A regular file or a ``.toml`` name after
+    --resume is the config: move it in front."""
+    if "train" not in argv:
+        return argv
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        nxt = out[i + 1]
+        if a == "--resume" and (nxt.endswith(".toml") or Path(nxt).is_file()):
+            out[i], out[i + 1] = nxt, a
+            break
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     try:
         argv, _LOG["format"] = _pop_log_format(argv)
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_resume_before_config(argv))
         if args.version:
             print(f"{PROG} {VERSION}")
             return 0

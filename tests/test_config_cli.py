@@ -69,3 +69,22 @@ def test_readme_documents_the_real_defaults():
     block = README.read_text(encoding="utf-8")[start:]
     block = block[block.index("```toml") + 7:block.index("```\n<!-- config:end -->")]
     assert apply_dict(Config(), tomllib.loads(block), "") == Config()
+
+
+def test_resume_before_the_config_path_parses(tmp_path):
+    """``train --resume CONFIG.toml`` means the config, not a checkpoint named CONFIG.toml;
+    a checkpoint folder after --resume stays its argument."""
+    from leantune.cli import _resume_before_config, build_parser
+
+    cfg = tmp_path / "run.cfg"
+    cfg.write_text("")
+    parser = build_parser()
+    for given in ("x.toml", str(cfg)):
+        args = parser.parse_args(_resume_before_config(["train", "--resume", given]))
+        assert (args.config, args.resume) == (given, True)
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    args = parser.parse_args(_resume_before_config(["train", "c.toml", "--resume", str(ckpt)]))
+    assert (args.config, args.resume) == ("c.toml", str(ckpt))
+    args = parser.parse_args(_resume_before_config(["train", "--resume", str(ckpt), "c.toml"]))
+    assert (args.config, args.resume) == ("c.toml", str(ckpt))
