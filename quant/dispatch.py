@@ -162,6 +162,32 @@ def op_backend(t: torch.Tensor, *, cpu: bool = False, triton: bool = False) -> s
     return "reference"
 
 
+@functools.cache
+def triton_module(name: str):
+    """``leantune.quant.<name>`` for "triton_rowops" or "triton_lora" (modules of Triton
+    kernels), or None when Triton or the module cannot be imported."""
+    try:
+        if name == "triton_rowops":
+            from leantune.quant import triton_rowops as module
+        elif name == "triton_lora":
+            from leantune.quant import triton_lora as module
+        else:
+            raise ValueError(f"no Triton module {name!r}")
+    except ImportError:
+        return None
+    return module
+
+
+def triton_kernels(name: str, t: torch.Tensor, *, cpu: bool):
+    """The Triton module ``name`` when ``op_backend``'s rule picks Triton for an op on ``t``
+    (``cpu``: the op also has a usable C kernel); else None. Triton runs CUDA tensors, and CPU
+    tensors only under ``TRITON_INTERPRET=1`` (the tests, with ``LEANTUNE_BACKEND=triton``)."""
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    module = triton_module(name)
+    return module if op_backend(t, cpu=cpu, triton=module is not None) == "triton" else None
+
+
 # -- attention (quant/attention.py) ---------------------------------------------------------------
 ATTENTION_ENV = "LEANTUNE_CPU_ATTENTION"
 # longer rows keep SDPA: the saved P grows as T * S (B=4, 9 heads, bf16: 4.7 MiB a layer kept at

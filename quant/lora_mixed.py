@@ -23,15 +23,13 @@ checks them against float64.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from pathlib import Path
 
 import torch
 
 from leantune.quant import hostpool
 from leantune.quant.cpu_kernels import _Loader
-from leantune.quant.dispatch import op_backend
+from leantune.quant.dispatch import op_backend, triton_kernels
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "lora_mixed.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -48,27 +46,12 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.device.type == "cpu" and op_backend(x, cpu=_LOADER.get() is not None) == "cpu")
 
 
-@functools.cache
-def _triton_module():
-    try:
-        from leantune.quant import triton_lora
-    except ImportError:
-        return None
-    return triton_lora
-
-
 def _triton(x: torch.Tensor, w: torch.Tensor):
-    """``quant.triton_lora`` for bf16/fp16 activations ``x`` and fp32 weights ``w`` on one CUDA
-    device (or on the CPU under ``TRITON_INTERPRET=1`` when ``LEANTUNE_BACKEND=triton``: the
-    tests), when ``op_backend``'s rule picks Triton; else None."""
+    """``quant.triton_lora`` for bf16/fp16 activations ``x`` and fp32 weights ``w`` on one
+    device when ``dispatch.triton_kernels`` picks Triton (CUDA by default); else None."""
     if not (x.dtype in (torch.bfloat16, torch.float16) and w.dtype == torch.float32 and x.device == w.device):
         return None
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return None
-    module = _triton_module()
-    if op_backend(x, cpu=_LOADER.get() is not None, triton=module is not None) != "triton":
-        return None
-    return module
+    return triton_kernels("triton_lora", x, cpu=_LOADER.get() is not None)
 
 
 def _threads() -> int:

@@ -24,8 +24,6 @@ and ``tests/test_triton_rowops.py`` check every path against float64.
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 
 from leantune.quant import hostpool
 from leantune.quant.cpu_kernels import _Loader
-from leantune.quant.dispatch import op_backend
+from leantune.quant.dispatch import op_backend, triton_kernels
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "rowops.c"
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -66,32 +64,16 @@ def _c_kernel(name: str, *tensors):
     return getattr(_LOADER.get(), f"lt_{name}_{suffix}")
 
 
-@functools.cache
-def _triton_module():
-    """``quant.triton_rowops``, or None when Triton cannot be imported."""
-    try:
-        from leantune.quant import triton_rowops
-    except ImportError:
-        return None
-    return triton_rowops
-
-
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_ops(*tensors):
-    """``quant.triton_rowops`` when every tensor is on one CUDA device (or on the CPU under
-    ``TRITON_INTERPRET=1``, the tests) with one fp32 / fp16 / bf16 dtype and the rule of
-    ``op_backend`` picks Triton (on CUDA by default; on the CPU only when forced); else None."""
+    """``quant.triton_rowops`` when every tensor is on one device with one fp32 / fp16 / bf16
+    dtype and ``dispatch.triton_kernels`` picks Triton (CUDA by default); else None."""
     t0 = tensors[0]
     if t0.dtype not in _TRITON_DTYPES or not all(t.dtype == t0.dtype and t.device == t0.device for t in tensors):
         return None
-    if t0.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return None
-    module = _triton_module()
-    if op_backend(t0, cpu=_LOADER.get() is not None, triton=module is not None) != "triton":
-        return None
-    return module
+    return triton_kernels("triton_rowops", t0, cpu=_LOADER.get() is not None)
 
 
 def _threads() -> int:

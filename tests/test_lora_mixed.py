@@ -3,7 +3,7 @@ the PyTorch spec) against float64, and the fused 4-bit Function on a bf16 base w
 import pytest
 import torch
 
-from leantune.quant import lora_mixed
+from leantune.quant import dispatch, lora_mixed
 from leantune.quant.fused_lora import lora_4bit
 from leantune.quant.modules import Linear4bit
 
@@ -92,7 +92,7 @@ def test_fused_4bit_lora_on_a_bf16_base_keeps_fp32_adapter_math(backend, monkeyp
 def _triton_ready():
     import os
 
-    if lora_mixed._triton_module() is None:
+    if dispatch.triton_module("triton_lora") is None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

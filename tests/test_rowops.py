@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leantune.quant import rowops
+from leantune.quant import dispatch, rowops
 from leantune.peft_core.adapters import AdapterConfig, inject_adapter
 from leantune.quant.modules import replace_linears
 from tests.helpers import tiny_model
 
 needs_c = pytest.mark.skipif(rowops._LOADER.get() is None, reason="the C row kernels do not build here")
 needs_interpreter = pytest.mark.skipif(
-    rowops._triton_module() is None or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    dispatch.triton_module("triton_rowops") is None or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
     reason="Triton is not installed, or does not run with its interpreter (TRITON_INTERPRET=1)")
 PATHS = [pytest.param("c", marks=needs_c), "reference", pytest.param("triton", marks=needs_interpreter)]
 
@@ -158,6 +158,19 @@ def test_rope_matches_reference(path, B, H, T, D, table_batch, transposed):
 
 
 # -- recompute of saved activations ------------------------------------------------------------------
+def _lora_model(variant: str, seed: int, quant: bool = False):
+    """A tiny model (4-bit linears with ``quant``) with LoRA r4 on every linear, B nonzero."""
+    model = tiny_model(variant, seed=seed)
+    if quant:
+        replace_linears(model)
+    torch.manual_seed(1)
+    inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
 def _saved_bytes(fn):
     """Bytes of distinct storages autograd keeps for the backward of fn()."""
     seen = {}
@@ -178,14 +191,7 @@ def test_block_recompute_gives_identical_gradients_and_saves_less(quant, variant
     gradient is bit-identical to keeping them, and the activations kept are smaller."""
     results = {}
     for save_less in (False, True):
-        model = tiny_model(variant, seed=3)
-        if quant:
-            replace_linears(model)
-        torch.manual_seed(1)
-        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+        model = _lora_model(variant, seed=3, quant=quant)
         model.model.save_less = save_less
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
         hidden, saved = _saved_bytes(lambda: model.model(ids))
@@ -205,12 +211,7 @@ def test_recompute_saved_is_off_under_gradient_checkpointing():
     plain backward."""
     grads = []
     for ckpt in (False, True):
-        model = tiny_model("llama", seed=5)
-        torch.manual_seed(1)
-        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+        model = _lora_model("llama", seed=5)
         model.train()
         model.model.grad_checkpoint = ckpt
         ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -278,12 +279,7 @@ def test_triton_path_runs_a_model_as_the_reference_does(monkeypatch):
     calls = spy_triton(monkeypatch)
     for backend in ("reference", "triton"):
         monkeypatch.setenv("LEANTUNE_BACKEND", backend)
-        model = tiny_model("llama", seed=4)
-        torch.manual_seed(1)
-        inject_adapter(model, AdapterConfig(kind="lora", r=4, alpha=8, targets="all-linear"))
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.1)
+        model = _lora_model("llama", seed=4)
         ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
         hidden = model.model(ids)
         loss = chunked_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), model.lm_head.weight,
