@@ -54,7 +54,8 @@ from leantune.bench.e2e_report import (  # noqa: F401
     _cpu_name, add_derived, device_string, git_commit, linear_shapes, markdown_table, measure_machine,
     peer_missing, quantiles, record, step_cost, summarize, versions, write_plots)
 from leantune.bench.e2e_worker import (  # noqa: F401
-    BLOCKSIZE, PEER_PACKAGES, PEER_PROVIDERS, PROVIDERS, RESULT_MARK, SWEEP_AXES, StepSpec, _import_provider, _setup_leantune,
+    BLOCKSIZE, PEER_PACKAGES, PEER_PROVIDERS, PROVIDER_ENV, PROVIDERS, RESULT_MARK, SWEEP_AXES, StepSpec,
+    _import_provider, _setup_leantune,
     _setup_peer, _worker_entry, maxrss_bytes, rss_now_bytes, run_steps, worker)
 
 
@@ -66,6 +67,7 @@ def run_worker(provider: str, spec: StepSpec, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "leantune.bench.e2e", "--worker", provider, "--json-args", json.dumps(asdict(spec))]
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(PROVIDER_ENV.get(provider, {}))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -162,8 +164,11 @@ def run_bench(opts) -> tuple[dict, StepSpec]:
     if device != "cuda" and "leantune-graphs" in providers:
         providers.remove("leantune-graphs")
         notes.append("leantune-graphs skipped: CUDA graphs need a CUDA device")
+    if device != "cuda" and "leantune-spec-ops" in providers:
+        providers.remove("leantune-spec-ops")
+        notes.append("leantune-spec-ops skipped: its switch only changes what runs on CUDA")
     if not providers:
-        raise UsageError("--providers", "nothing to measure (the peer's packages are not installed)")
+        raise UsageError("--providers", "nothing to measure here: " + "; ".join(notes))
     model_dir, model_name = resolve_model(opts)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     base = StepSpec(model_dir=str(model_dir), batch=opts.batch, seq=opts.seq, rank=opts.rank,
@@ -242,7 +247,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", metavar="AXIS=V1,V2",
                    help=f"vary one of {', '.join(SWEEP_AXES)} with the others at the base (repeatable)")
     p.add_argument("--providers", default="leantune,peer",
-                   help="comma-separated: leantune, leantune-graphs (CUDA), peer, peer-bf16 (CPU: bnb compute "
+                   help="comma-separated: leantune, leantune-graphs (CUDA), leantune-spec-ops (CUDA), peer, peer-bf16 (CPU: bnb compute "
                         "in bfloat16 under torch.autocast, float32 adapters)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     p.add_argument("--chunk", type=int, default=256, help="leantune's cross-entropy chunk (tokens)")

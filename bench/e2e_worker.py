@@ -18,7 +18,10 @@ RESULT_MARK = "@@bench.e2e result@@ "
 # peer-bf16 (CPU): the peer with bnb_4bit_compute_dtype=bfloat16 and the step under
 # torch.autocast("cpu", dtype=torch.bfloat16), its adapter weights (and everything else not
 # quantized) kept float32, whatever the run's --dtype
-PROVIDERS = ("leantune", "leantune-graphs", "peer", "peer-bf16")
+# leantune-spec-ops: leantune with LEANTUNE_TRITON_FUSED_OPS=0 (CUDA): the row ops and LoRA
+# products as PyTorch's spec, the A/B baseline of quant/triton_rowops.py and quant/triton_lora.py
+PROVIDERS = ("leantune", "leantune-graphs", "leantune-spec-ops", "peer", "peer-bf16")
+PROVIDER_ENV = {"leantune-spec-ops": {"LEANTUNE_TRITON_FUSED_OPS": "0"}}
 PEER_PROVIDERS = ("peer", "peer-bf16")
 PEER_PACKAGES = ("transformers", "peft", "bitsandbytes")
 SWEEP_AXES = ("seq", "rank", "batch")  # the axes a run may sweep (StepSpec.key())

@@ -17,7 +17,8 @@
 #   WHEELS    a folder of wheels to install first, --no-deps (bitsandbytes is not in the
 #             device image; without it the peer side is skipped and noted in the results)
 #   SHAPES    e2e model shapes (default "1b 3b 8b"), SEQ (2048), BATCH (1), RANK (16),
-#             STEPS (3), ROUNDS (1), PROVIDERS (leantune,leantune-graphs,peer),
+#             STEPS (3), ROUNDS (1), PROVIDERS (leantune,leantune-graphs,leantune-spec-ops,peer;
+#             leantune-spec-ops is leantune with the Triton row ops and LoRA products off),
 #             E2E_ARGS (more `python -m leantune.bench.e2e` arguments,
 #             e.g. "--sweep seq=512,1024,2048,4096,8192")
 #   RESULTS   where results are written (default bench/results)
@@ -42,7 +43,7 @@ RANK=${RANK:-16}
 STEPS=${STEPS:-3}
 ROUNDS=${ROUNDS:-1}
 E2E_ARGS=${E2E_ARGS:-}
-PROVIDERS=${PROVIDERS:-leantune,leantune-graphs,peer}
+PROVIDERS=${PROVIDERS:-leantune,leantune-graphs,leantune-spec-ops,peer}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
 status=0

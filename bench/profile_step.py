@@ -11,6 +11,7 @@ Uses the same setup as ``bench/e2e.py`` (random-weight Llama shapes, same batch 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     dtype = str(compute_dtype_for(args.dtype, device)).removeprefix("torch.")
     spec = e2e.StepSpec(model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
                         dtype=dtype, device=device.type)
+    os.environ.update(e2e.PROVIDER_ENV.get(args.provider, {}))  # leantune-spec-ops: its switch
     e2e._import_provider(args.provider)
     step, _ = (e2e._setup_peer(spec) if args.provider == "peer"
                else e2e._setup_leantune(spec, graphs=args.provider == "leantune-graphs"))

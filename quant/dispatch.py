@@ -162,6 +162,11 @@ def op_backend(t: torch.Tensor, *, cpu: bool = False, triton: bool = False) -> s
     return "reference"
 
 
+# "0": the row ops and LoRA products keep PyTorch's spec on CUDA (an A/B switch for benchmarks,
+# and a way around a kernel that misbehaves on some GPU); the 4-bit ops are not affected
+FUSED_OPS_ENV = "LEANTUNE_TRITON_FUSED_OPS"
+
+
 @functools.cache
 def triton_module(name: str):
     """``leantune.quant.<name>`` for "triton_rowops" or "triton_lora" (modules of Triton
@@ -181,8 +186,11 @@ def triton_module(name: str):
 def triton_kernels(name: str, t: torch.Tensor, *, cpu: bool):
     """The Triton module ``name`` when ``op_backend``'s rule picks Triton for an op on ``t``
     (``cpu``: the op also has a usable C kernel); else None. Triton runs CUDA tensors, and CPU
-    tensors only under ``TRITON_INTERPRET=1`` (the tests, with ``LEANTUNE_BACKEND=triton``)."""
+    tensors only under ``TRITON_INTERPRET=1`` (the tests, with ``LEANTUNE_BACKEND=triton``);
+    ``$LEANTUNE_TRITON_FUSED_OPS=0`` turns these modules off."""
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    if os.environ.get(FUSED_OPS_ENV, "1").strip() == "0":
         return None
     module = triton_module(name)
     return module if op_backend(t, cpu=cpu, triton=module is not None) == "triton" else None

@@ -15,11 +15,24 @@ under ``TRITON_INTERPRET=1`` (the tests).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-BM, BN, BR = 32, 64, 32  # rows, columns and adapter-rank chunk of a tile (dots need >= 16 each)
+BM, BN = 32, 64  # rows and columns of a tile (dots need >= 16 each way)
+BM_DOWN = 16  # down's row tile: M / 16 programs (128 at 2048 tokens), each over all of K
+
+
+def _rank_chunk(R: int) -> int:
+    """The adapter-rank chunk of a dot: 16 for r <= 16 (no wasted half), else 32."""
+    return 16 if R <= 16 else 32
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @triton.jit
@@ -60,21 +73,26 @@ def _up_kernel(y_ptr, u_ptr, v_ptr, o_ptr, M, N, R, s, sym, syn, sum_, sur, svr,
 
 
 @triton.jit
-def _tgrad_kernel(u_ptr, x_ptr, o_ptr, M, N, R, s, sum_, sur, sxm, sxn, sor, son,
+def _tgrad_kernel(u_ptr, x_ptr, o_ptr, M, N, R, s, sum_, sur, sxm, sxn, sos, sor, son, rows_per_split,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Program (n tile, r chunk): o[r, n] = s * sum_m u[m, r] x[m, n]."""
+    """Program (n tile, r chunk, split p): o[p, r, n] = s * sum over its rows m of u[m, r] x[m, n]
+    (rows [p * rows_per_split, ...), rows_per_split a multiple of BLOCK_M)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    split = tl.program_id(2)
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
     m0 = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-    for m_start in range(0, M, BLOCK_M):
+    for m_start in range(m_lo, m_hi, BLOCK_M):
         m = m_start + m0
         ut = tl.load(u_ptr + r[:, None] * sur + m[None, :].to(tl.int64) * sum_,
-                     mask=(r[:, None] < R) & (m[None, :] < M), other=0.0)
+                     mask=(r[:, None] < R) & (m[None, :] < m_hi), other=0.0)
         x = tl.load(x_ptr + m[:, None].to(tl.int64) * sxm + n[None, :] * sxn,
-                    mask=(m[:, None] < M) & (n[None, :] < N), other=0.0).to(tl.float32)
+                    mask=(m[:, None] < m_hi) & (n[None, :] < N), other=0.0).to(tl.float32)
         acc += tl.dot(ut, x, input_precision="ieee")
-    tl.store(o_ptr + r[:, None] * sor + n[None, :] * son, acc * s, mask=(r[:, None] < R) & (n[None, :] < N))
+    tl.store(o_ptr + split.to(tl.int64) * sos + r[:, None] * sor + n[None, :] * son, acc * s,
+             mask=(r[:, None] < R) & (n[None, :] < N))
 
 
 def down(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -82,10 +100,11 @@ def down(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     M, N = x.shape
     R = W.shape[0]
     out = torch.empty(M, R, dtype=torch.float32, device=x.device)
+    br = _rank_chunk(R)
     if out.numel():
-        _down_kernel[(triton.cdiv(M, BM), triton.cdiv(R, BR))](
+        _down_kernel[(triton.cdiv(M, BM_DOWN), triton.cdiv(R, br))](
             x, W, out, M, N, R, x.stride(0), x.stride(1), W.stride(0), W.stride(1), out.stride(0), out.stride(1),
-            BLOCK_M=BM, BLOCK_K=BN, BLOCK_R=BR, num_warps=4)
+            BLOCK_M=BM_DOWN, BLOCK_K=BN, BLOCK_R=br, num_warps=4)
     return out
 
 
@@ -97,21 +116,35 @@ def up(y: torch.Tensor, u: torch.Tensor, V: torch.Tensor, s: float) -> torch.Ten
     if out.numel():
         _up_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
             y, u, V, out, M, N, R, float(s), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
-            V.stride(0), V.stride(1), out.stride(0), out.stride(1), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, num_warps=4)
+            V.stride(0), V.stride(1), out.stride(0), out.stride(1), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=_rank_chunk(R),
+            num_warps=4)
     return out
 
 
-def tgrad(u: torch.Tensor, x: torch.Tensor, s: float, transpose: bool = False) -> torch.Tensor:
+def tgrad(u: torch.Tensor, x: torch.Tensor, s: float, transpose: bool = False, splits: int | None = None) -> torch.Tensor:
     """s u^T x in fp32 (r, n), for u (M, r) fp32 and x (M, n) half precision; with
-    ``transpose`` its transpose (n, r), contiguous, written as such (no copy)."""
+    ``transpose`` its transpose (n, r), contiguous, written as such (no copy).
+
+    The (n tile, r chunk) programs are few for small n (32 at n = 2048), so the rows are split
+    into ``splits`` parts (default: enough for two programs an SM, each part at least 4 row
+    tiles) summed in fp32 partials, then added in a fixed order (deterministic)."""
     M, R = u.shape
     N = x.shape[1]
     out = torch.empty(N, R, dtype=torch.float32, device=x.device).t() if transpose else \
         torch.empty(R, N, dtype=torch.float32, device=x.device)
-    if M == 0:
+    if M == 0 or out.numel() == 0:
         out.zero_()
-    elif out.numel():
-        _tgrad_kernel[(triton.cdiv(N, BN), triton.cdiv(R, BR))](
-            u, x, out, M, N, R, float(s), u.stride(0), u.stride(1), x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, num_warps=4)
+        return out.t() if transpose else out
+    br = _rank_chunk(R)
+    tiles = triton.cdiv(N, BN) * triton.cdiv(R, br)
+    if splits is None:
+        splits = min(triton.cdiv(2 * _sm_count(x.device), tiles), max(1, M // (4 * BM)))
+    rows = triton.cdiv(triton.cdiv(M, max(1, splits)), BM) * BM
+    splits = triton.cdiv(M, rows)
+    part = out[None] if splits == 1 else torch.empty(splits, R, N, dtype=torch.float32, device=x.device)
+    _tgrad_kernel[(triton.cdiv(N, BN), triton.cdiv(R, br), splits)](
+        u, x, part, M, N, R, float(s), u.stride(0), u.stride(1), x.stride(0), x.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), rows, BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=br, num_warps=4)
+    if splits > 1:
+        torch.sum(part, 0, out=out)
     return out.t() if transpose else out

@@ -105,16 +105,19 @@ def _lora_jobs(quick: bool):
     i32 = "i32"
     for dt in (("bf16",) if quick else ("bf16", "fp16")):
         p = DTYPES[dt]
-        const = dict(BLOCK_M=TL.BM, BLOCK_N=TL.BN, BLOCK_R=TL.BR)
-        yield (TL._down_kernel, {"x_ptr": p, "w_ptr": "*fp32", "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
-                                 "sxm": i32, "sxn": i32, "swr": i32, "swn": i32, "som": i32, "sor": i32},
-               dict(BLOCK_M=TL.BM, BLOCK_K=TL.BN, BLOCK_R=TL.BR), 4, 1, f"lora down {dt}")
-        yield (TL._up_kernel, {"y_ptr": p, "u_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": p, "M": i32, "N": i32,
-                               "R": i32, "s": "fp32", "sym": i32, "syn": i32, "sum_": i32, "sur": i32, "svr": i32,
-                               "svn": i32, "som": i32, "son": i32}, const, 4, 1, f"lora up {dt}")
-        yield (TL._tgrad_kernel, {"u_ptr": "*fp32", "x_ptr": p, "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
-                                  "s": "fp32", "sum_": i32, "sur": i32, "sxm": i32, "sxn": i32, "sor": i32,
-                                  "son": i32}, const, 4, 1, f"lora tgrad {dt}")
+        for br in (16, 32):
+            const = dict(BLOCK_M=TL.BM, BLOCK_N=TL.BN, BLOCK_R=br)
+            yield (TL._down_kernel, {"x_ptr": p, "w_ptr": "*fp32", "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
+                                     "sxm": i32, "sxn": i32, "swr": i32, "swn": i32, "som": i32, "sor": i32},
+                   dict(BLOCK_M=TL.BM_DOWN, BLOCK_K=TL.BN, BLOCK_R=br), 4, 1, f"lora down {dt} r-chunk {br}")
+            yield (TL._up_kernel, {"y_ptr": p, "u_ptr": "*fp32", "v_ptr": "*fp32", "o_ptr": p, "M": i32, "N": i32,
+                                   "R": i32, "s": "fp32", "sym": i32, "syn": i32, "sum_": i32, "sur": i32,
+                                   "svr": i32, "svn": i32, "som": i32, "son": i32}, const, 4, 1,
+                   f"lora up {dt} r-chunk {br}")
+            yield (TL._tgrad_kernel, {"u_ptr": "*fp32", "x_ptr": p, "o_ptr": "*fp32", "M": i32, "N": i32, "R": i32,
+                                      "s": "fp32", "sum_": i32, "sur": i32, "sxm": i32, "sxn": i32, "sos": i32,
+                                      "sor": i32, "son": i32, "rows_per_split": i32}, const, 4, 1,
+                   f"lora tgrad {dt} r-chunk {br}")
 
 
 def _compile(fn, sig, const, warps, stages, arch):

@@ -38,3 +38,25 @@ def test_row_ops_follow_the_rule(monkeypatch):
     assert rowops._c_kernel("rmsnorm_fwd", x, w) is None
     monkeypatch.setenv(dispatch.ENV, "cpu")
     assert rowops._c_kernel("rmsnorm_fwd", x.double(), w.double()) is None  # fp64: no kernel
+
+
+def test_triton_fused_ops_switch(monkeypatch):
+    """The Triton row / LoRA modules: only for CUDA tensors or under the interpreter, never
+    when the rule picks another backend, and off with LEANTUNE_TRITON_FUSED_OPS=0."""
+    import os
+
+    x = torch.zeros(2)
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    monkeypatch.delenv(dispatch.FUSED_OPS_ENV, raising=False)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if dispatch.triton_module("triton_rowops") is not None and interp:
+        assert dispatch.triton_kernels("triton_rowops", x, cpu=True) is dispatch.triton_module("triton_rowops")
+    monkeypatch.setenv(dispatch.FUSED_OPS_ENV, "0")
+    assert dispatch.triton_kernels("triton_rowops", x, cpu=True) is None
+    monkeypatch.delenv(dispatch.FUSED_OPS_ENV)
+    monkeypatch.setenv(dispatch.ENV, "reference")
+    assert dispatch.triton_kernels("triton_lora", x, cpu=True) is None
+    monkeypatch.delenv(dispatch.ENV)
+    assert dispatch.triton_kernels("triton_lora", x, cpu=True) is None  # a CPU tensor: C or the spec
+    with pytest.raises(ValueError):
+        dispatch.triton_module("nope")

@@ -171,3 +171,19 @@ def test_triton_fused_4bit_lora_matches_the_reference(spy, monkeypatch):
         assert a.dtype == b.dtype
         tol = 2e-3 if a.dtype == torch.float16 else 1e-5
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 3, 50])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_triton_tgrad_split_over_rows(splits, transpose):
+    """tgrad's rows split into parts summed in fp32 partials (the path of small n on a GPU),
+    more parts than row tiles included: the same result as one part, to fp32 rounding."""
+    from leantune.quant import triton_lora
+
+    u, x = f32(130, 20, seed=15).to(DEV), bf16(130, 70, seed=16).to(DEV)
+    want = 0.25 * u.double().t() @ x.double()
+    got = triton_lora.tgrad(u, x, 0.25, transpose, splits=splits)
+    assert got.shape == ((70, 20) if transpose else (20, 70))
+    got = got.t() if transpose else got
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
