@@ -45,6 +45,7 @@ decoding (one query), rows of more than ``dispatch.ATTENTION_MAX_KEYS`` keys, an
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,20 @@ def attention_reference(q, k, v, mask=None, is_causal: bool = False, scale: floa
     p = torch.softmax(s, dim=-1)
     p = torch.where(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0, p)  # fully masked rows
     return (p @ v).to(q.dtype)
+
+
+_LAST_MASK: list = []  # [(weakref to mask, its _version, T, S, dtype), parts]: every layer shares one mask
+
+
+def _mask_parts_cached(mask, T: int, S: int, dtype):
+    """``_mask_parts`` of ``mask``, computed once while the same mask (unchanged: same tensor,
+    same version counter) comes back, as it does for every layer of a forward."""
+    key = (mask._version, T, S, dtype)
+    if _LAST_MASK and _LAST_MASK[0][0]() is mask and _LAST_MASK[0][1:] == key:
+        return _LAST_MASK[1]
+    parts = _mask_parts(mask, T, S, dtype)
+    _LAST_MASK[:] = [(weakref.ref(mask), *key), parts]
+    return parts
 
 
 def _mask_parts(mask, T: int, S: int, dtype):
@@ -219,7 +234,7 @@ def attention(q, k, v, attn_mask=None, is_causal: bool = False, enable_gqa: bool
     T, S = q.shape[2], k.shape[2]
     bias, dead, causal = None, None, is_causal
     if attn_mask is not None:
-        bias, dead, causal = _mask_parts(attn_mask, T, S, torch.promote_types(q.dtype, torch.float32))
+        bias, dead, causal = _mask_parts_cached(attn_mask, T, S, torch.promote_types(q.dtype, torch.float32))
     args = (q, k, v, bias, dead, causal, 1.0 / math.sqrt(q.shape[-1]), BLOCK if causal else T)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return AttentionFunction.apply(*args)

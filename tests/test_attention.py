@@ -283,3 +283,22 @@ def test_no_grad_pass_gives_the_training_bits(monkeypatch):
         model(ids[:, :1])
     assert len(calls) == model.config.num_hidden_layers
     assert torch.equal(with_grad.detach(), no_grad)
+
+
+def test_mask_parts_computed_once_per_mask(monkeypatch):
+    """Every layer passes the same mask: its bias is built once, and again only for another
+    mask or after the mask changed in place."""
+    from leantune.quant import attention as A
+
+    calls = []
+    real = A._mask_parts
+    monkeypatch.setattr(A, "_mask_parts", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(A, "_LAST_MASK", [])
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    first = A._mask_parts_cached(mask, 6, 6, torch.float32)
+    assert A._mask_parts_cached(mask, 6, 6, torch.float32) is first and len(calls) == 1
+    mask[1, 0, 5, 0] = False  # in place: the version counter moves
+    again = A._mask_parts_cached(mask, 6, 6, torch.float32)
+    assert len(calls) == 2 and again[0][1, 0, 5, 0] == float("-inf")
+    A._mask_parts_cached(mask.clone(), 6, 6, torch.float32)  # another tensor, equal values
+    assert len(calls) == 3
