@@ -21,32 +21,85 @@ def f32(*shape, seed, scale=0.1):
 SHAPES = [(1, 8, 1), (7, 33, 3), (64, 576, 16), (5, 1100, 8), (130, 1536, 64)]  # M, n, r (past the chunks)
 
 
-@needs_c
+def _triton_ready():
+    import os
+
+    if dispatch.triton_module("triton_lora") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+needs_triton = pytest.mark.skipif(not _triton_ready(), reason="no Triton, or no CUDA and no interpreter")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# "c": csrc/lora_mixed.c, bf16 on the CPU; "triton": quant/triton_lora.py, forced on CPU tensors
+# under the interpreter (on CUDA natively). bf16 stores truncate under the interpreter, so up's
+# rounding is checked in fp16 there, in bf16 on a GPU
+CASES = [pytest.param("c", torch.bfloat16, marks=needs_c, id="c-bf16"),
+         pytest.param("triton", torch.bfloat16, marks=needs_triton, id="triton-bf16"),
+         pytest.param("triton", torch.float16, marks=needs_triton, id="triton-fp16")]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Force Triton (also on CPU tensors under the interpreter) and record its launchers' calls."""
+    from leantune.quant import triton_lora
+
+    monkeypatch.setenv("LEANTUNE_BACKEND", "triton")
+    calls = []
+    for name in ("down", "up", "tgrad"):
+        real = getattr(triton_lora, name)
+        monkeypatch.setattr(triton_lora, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    return calls
+
+
+def _on_path(path, request):
+    """(device, the Triton calls list or None) for the path; the C path asserts it applies."""
+    if path == "triton":
+        return DEV, request.getfixturevalue("spy")
+    return "cpu", None
+
+
+@pytest.mark.parametrize("path,dtype", CASES)
 @pytest.mark.parametrize("M,n,r", SHAPES)
-def test_down_and_tgrad_match_float64(M, n, r):
-    x, W, u = bf16(M, n, seed=1), f32(r, n, seed=2), f32(M, r, seed=3)
-    assert lora_mixed.applies(x, W)
-    want = x.double() @ W.double().t()
-    got = lora_mixed.down(x, W)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+def test_down_and_tgrad_match_float64(M, n, r, path, dtype, request):
+    dev, calls = _on_path(path, request)
+    x = bf16(M, n, seed=1).to(dev, dtype)
+    W, u = f32(r, n, seed=2).to(dev), f32(M, r, seed=3).to(dev)
+    Wt = f32(n, r, seed=2).to(dev).t()  # B^T as the Function passes it: a strided view
+    assert lora_mixed.applies(x, W) == (path == "c")
+    for w in (W, Wt):
+        want = x.double() @ w.double().t()
+        got = lora_mixed.down(x, w)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     want = 0.5 * u.double().t() @ x.double()
     got = lora_mixed.tgrad(u, x, 0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    got_t = lora_mixed.tgrad(u, x, 0.5, transpose=True)  # dB's layout
+    assert got_t.is_contiguous() and got_t.shape == (n, r)
+    torch.testing.assert_close(got_t.double(), want.t(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert calls is None or calls == ["down", "down", "tgrad", "tgrad"]
 
 
-@needs_c
+UP_CASES = [c for c in CASES if c.id != "triton-bf16" or torch.cuda.is_available()]
+
+
+@pytest.mark.parametrize("path,dtype", UP_CASES)
 @pytest.mark.parametrize("M,n,r", SHAPES)
-def test_up_rounds_once_to_bf16(M, n, r):
-    y, u, V = bf16(M, n, seed=4), f32(M, r, seed=5), f32(r, n, seed=6)
+def test_up_rounds_once(M, n, r, path, dtype, request):
+    dev, calls = _on_path(path, request)
+    y = bf16(M, n, seed=4).to(dev, dtype)
+    u, V = f32(M, r, seed=5).to(dev), f32(n, r, seed=6).to(dev).t()  # V strided, as lora_B.t()
     exact = (y.double() + 2.0 * u.double() @ V.double())
     got = lora_mixed.up(y, u, V, 2.0)
-    assert got.dtype == torch.bfloat16 and got.shape == y.shape
-    # one rounding of a value within fp32 error of the exact sum: at most one bf16 ulp off,
-    # plus the fp32 sum's own error where y and the update cancel (r terms, 2^-24 each)
+    assert got.dtype == dtype and got.shape == y.shape
+    assert calls is None or calls == ["up"]
+    # one rounding of a value within fp32 error of the exact sum: at most one ulp off, plus
+    # the fp32 sum's own error where y and the update cancel (r terms, 2^-24 each)
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
     terms = y.double().abs() + 2.0 * u.double().abs() @ V.double().abs()
-    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + terms * r * 2**-23).all()
-    spec = y.float().addmm_(u, V, alpha=2.0).bfloat16()
+    assert ((got.double() - exact).abs() <= exact.abs() * ulp + terms * r * 2**-23 + 2**-24).all()
+    spec = y.float().addmm_(u, V, alpha=2.0).to(dtype)
     assert (got != spec).float().mean() < 0.01  # ties of the two roundings only
 
 
@@ -88,69 +141,7 @@ def test_fused_4bit_lora_on_a_bf16_base_keeps_fp32_adapter_math(backend, monkeyp
     torch.testing.assert_close(B.grad.double(), B64.grad, rtol=1e-4, atol=1e-4 * B64.grad.abs().max().item())
 
 
-# -- the Triton kernels (quant/triton_lora.py): under the interpreter on the CPU, on CUDA natively --
-def _triton_ready():
-    import os
-
-    if dispatch.triton_module("triton_lora") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-needs_triton = pytest.mark.skipif(not _triton_ready(), reason="no Triton, or no CUDA and no interpreter")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# bf16 stores truncate under the interpreter: up's rounding is checked in fp16 there, bf16 on a GPU
-UP_DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Force Triton (also on CPU tensors under the interpreter) and record its launchers' calls."""
-    from leantune.quant import triton_lora
-
-    monkeypatch.setenv("LEANTUNE_BACKEND", "triton")
-    calls = []
-    for name in ("down", "up", "tgrad"):
-        real = getattr(triton_lora, name)
-        monkeypatch.setattr(triton_lora, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
-    return calls
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("M,n,r", SHAPES)
-def test_triton_down_and_tgrad_match_float64(M, n, r, dtype, spy):
-    x = bf16(M, n, seed=1).to(DEV, dtype)
-    W, u = f32(r, n, seed=2).to(DEV), f32(M, r, seed=3).to(DEV)
-    Wt = f32(n, r, seed=2).to(DEV).t()  # B^T as the Function passes it: a strided view
-    for w in (W, Wt):
-        want = x.double() @ w.double().t()
-        got = lora_mixed.down(x, w)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    want = 0.5 * u.double().t() @ x.double()
-    got = lora_mixed.tgrad(u, x, 0.5)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    got_t = lora_mixed.tgrad(u, x, 0.5, transpose=True)  # dB's layout, written directly
-    assert got_t.is_contiguous() and got_t.shape == (n, r)
-    torch.testing.assert_close(got_t.double(), want.t(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    assert spy == ["down", "down", "tgrad", "tgrad"]
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", UP_DTYPES, ids=str)
-@pytest.mark.parametrize("M,n,r", SHAPES)
-def test_triton_up_rounds_once(M, n, r, dtype, spy):
-    y = bf16(M, n, seed=4).to(DEV, dtype)
-    u, V = f32(M, r, seed=5).to(DEV), f32(n, r, seed=6).to(DEV).t()  # V strided, as lora_B.t()
-    exact = y.double() + 2.0 * u.double() @ V.double()
-    got = lora_mixed.up(y, u, V, 2.0)
-    assert got.dtype == dtype and got.shape == y.shape and spy == ["up"]
-    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
-    terms = y.double().abs() + 2.0 * u.double().abs() @ V.double().abs()
-    assert ((got.double() - exact).abs() <= exact.abs() * ulp + terms * r * 2**-23 + 2**-24).all()
-
-
+# -- the Triton kernels in the fused Function, and tgrad's split over rows --------------------------
 @needs_triton
 def test_triton_fused_4bit_lora_matches_the_reference(spy, monkeypatch):
     """The fused Function with the Triton products (fp16 base, fp32 adapter): output and
