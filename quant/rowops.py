@@ -95,8 +95,8 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
-        kernel = _c_kernel("rmsnorm_fwd", x2, weight)
-        tri = _triton_ops(x2, weight) if kernel is None else None
+        tri = _triton_ops(x2, weight)
+        kernel = _c_kernel("rmsnorm_fwd", x2, weight) if tri is None else None
         if tri is not None:
             y, rstd = tri.rmsnorm_fwd(x2, weight, eps)
         elif kernel is not None:
@@ -209,7 +209,7 @@ def rope_reference(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def _rope_c(x, cos, sin, backward: bool):
+def _rope_kernel(x, cos, sin, backward: bool):
     """The kernel on x (B, H, T, D), strided over B, H, T; out is contiguous (B, H, T, D):
     Triton's on CUDA, else the C one."""
     tri = _triton_ops(x, cos, sin)
@@ -231,12 +231,12 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rope_c(x, cos, sin, backward=False)
+        return _rope_kernel(x, cos, sin, backward=False)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return _rope_c(g, cos, sin, backward=True), None, None
+        return _rope_kernel(g, cos, sin, backward=True), None, None
 
 
 def apply_rope(x, cos, sin):
@@ -257,9 +257,9 @@ def xent_rows_takes(dtype, device="cpu") -> bool:
     """True when ``xent_rows_`` runs a kernel (C on the CPU, Triton on CUDA) on logits of
     ``dtype`` on ``device``."""
     probe = torch.empty(0, dtype=dtype, device=device)
-    if probe.device.type == "cuda" or _triton_ops(probe) is not None:
-        return _triton_ops(probe) is not None
-    return dtype in _SUFFIX and op_backend(probe, cpu=_LOADER.get() is not None) == "cpu"
+    if _triton_ops(probe) is not None:
+        return True
+    return _c_kernel("xent_rows", probe) is not None
 
 
 def xent_rows_(z, targets):
