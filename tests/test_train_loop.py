@@ -149,10 +149,18 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "leantune", "train", str(cfg_path)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = tmp_path / "killed"
+    # a random step, then a random moment inside the following step / checkpoint write (a
+    # random time after the first checkpoint was not enough: a fast CPU ran all 60 steps in it)
+    target = rng.randint(2, 50)
     deadline = time.time() + 120
-    while newest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside the following steps / checkpoint writes
+
+    def reached() -> bool:
+        newest = newest_checkpoint(out)
+        return newest is not None and int(newest.name.removeprefix("step-")) >= target
+
+    while not reached() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.02))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
     assert newest_checkpoint(out).name != "step-60"
