@@ -136,7 +136,7 @@ def _setup_leantune(spec: StepSpec, graphs: bool = False):
 
     from leantune.peft_core.adapters import AdapterConfig, inject_adapter
     from leantune.peft_core.checkpoint import load_model, resolve_dtype
-    from leantune.train.loop import batch_loss_sum
+    from leantune.train.loop import batch_loss_sum, prepare_batch
 
     model = load_model(spec.model_dir, dtype=resolve_dtype(spec.dtype), device=spec.device, quant="nf4",
                        quant_options={"blocksize": BLOCKSIZE, "double_quant": True})
@@ -146,9 +146,10 @@ def _setup_leantune(spec: StepSpec, graphs: bool = False):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr)
-    ids = _token_batch(spec, model.config.vocab_size)  # (B, T)
-    batch = {"input_ids": ids, "labels": ids, "doc_ids": torch.zeros_like(ids),
-             "position_ids": torch.arange(spec.seq, device=ids.device).expand_as(ids)}
+    ids = _token_batch(spec, model.config.vocab_size).cpu()  # (B, T)
+    # the loss's row selection planned on the host, as the training loop does (no host sync)
+    batch = prepare_batch({"input_ids": ids, "labels": ids, "doc_ids": torch.zeros_like(ids),
+                           "position_ids": torch.arange(spec.seq).expand_as(ids)}, spec.device)
     trunk = None
     if graphs:
         from leantune.train.cuda_graphs import GraphedTrunk

@@ -152,3 +152,38 @@ def test_adamw8bit_matches_bitsandbytes_trajectory():
             o.step()
         out.append(p.detach())
     assert (out[0] - out[1]).norm() / out[1].norm() < 0.01
+
+
+def test_batch_loss_sum_with_and_without_a_host_plan_match_a_direct_loss():
+    """``train.loop.batch_loss_sum``: its host-planned rows (``prepare_batch``) and the plan
+    made from the batch itself give the loss of a plain float64 next-token cross-entropy over
+    the supervised positions (masked labels and packed-document boundaries skipped)."""
+    from types import SimpleNamespace
+
+    from leantune.train.loop import batch_loss_sum, loss_plan, prepare_batch
+
+    g = torch.Generator().manual_seed(7)
+    B, T, C, V = 3, 9, 16, 29
+    emb = torch.randn(V, C, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(C, V, bias=False).double()
+    trunk = lambda ids, pos, mask: emb[ids] * (1 + pos[..., None]) / T  # noqa: E731  (depends on pos)
+    model = SimpleNamespace(model=trunk, lm_head=head)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    labels[2, 6:] = -100  # padding
+    doc_ids = torch.zeros(B, T, dtype=torch.long)
+    doc_ids[1, 5:] = 1  # two packed documents: position 4 predicts nothing
+    pos = torch.arange(T).expand(B, T).clone()
+    pos[1, 5:] -= 5
+    batch = {"input_ids": ids, "labels": labels, "doc_ids": doc_ids, "position_ids": pos}
+    logits = head(trunk(ids, pos, None))[:, :-1]
+    keep = [(b, t) for b in range(B) for t in range(T - 1)
+            if labels[b, t + 1] != -100 and doc_ids[b, t + 1] == doc_ids[b, t]]
+    want = sum(F.cross_entropy(logits[b, t], labels[b, t + 1], reduction="sum") for b, t in keep)
+    plan = loss_plan(batch)
+    assert plan.multi_doc and plan.n_tok == len(keep) == B * (T - 1) - 3 - 3 - 1  # prompt, padding, boundary
+    for b in (batch, prepare_batch(batch, "cpu")):
+        got, n = batch_loss_sum(model, b, chunk=5)
+        assert n == len(keep)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

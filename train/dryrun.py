@@ -33,7 +33,8 @@ import torch
 from leantune.base import UsageError
 from leantune.peft_core.build import pick_device, resolve_model_dir
 from leantune.train.config import Config
-from leantune.train.loop import _complete_checkpoints, batch_loss_sum, build_data, build_model, peak_memory_mb, run_dtype
+from leantune.train.loop import (_complete_checkpoints, batch_loss_sum, build_data, build_model, peak_memory_mb,
+                                 prepare_batch, run_dtype)
 
 
 @dataclass
@@ -158,8 +159,10 @@ def token_counts(summary, plan) -> tuple[int, int, int]:
 def probe(cfg: Config, model, plan, device, tok=None, log=print) -> Probe:
     """Time what a step does to the plan's first micro-batch (see the module's table); each
     part timed after an untimed pass; gradients cleared afterwards."""
-    batch = {k: v.to(device) for k, v in plan.batch(0, 0).items()}
     objective = cfg.train.objective
+    host = plan.batch(0, 0)
+    batch = ({k: v.to(device) for k, v in host.items()} if objective in ("grpo", "dpo")
+             else prepare_batch(host, device))
     if objective == "grpo":
         out = probe_grpo(cfg, model, plan, batch, device, tok, log)
     elif objective == "dpo":

@@ -95,20 +95,49 @@ def build_model(cfg: Config, model_dir: Path, device, dtype):
     return model, params
 
 
+@dataclass(frozen=True)
+class LossPlan:
+    """What the next-token loss needs from a micro-batch's labels, worked out where the labels
+    are: ``multi_doc`` (packed documents: the trunk needs a mask), ``rows`` (flat B*T indices
+    of the positions that predict a supervised token, in order), ``targets`` (those tokens)
+    and ``n_tok`` (their count)."""
+    multi_doc: bool
+    rows: torch.Tensor
+    targets: torch.Tensor
+    n_tok: int
+
+
+def loss_plan(batch) -> LossPlan:
+    """The batch's ``LossPlan``, computed on the batch's device (on a GPU: three host syncs)."""
+    labels, doc_ids = batch["labels"], batch["doc_ids"]
+    T = labels.shape[1]
+    targets = causal_lm_targets(labels, doc_ids)  # (B, T-1)
+    keep = targets != -100
+    b, t = keep.nonzero(as_tuple=True)
+    return LossPlan(bool((doc_ids[:, 1:] != doc_ids[:, :-1]).any()), b * T + t, targets[keep], len(b))
+
+
+def prepare_batch(batch, device) -> dict:
+    """A host micro-batch moved to ``device``, with its ``LossPlan`` made on the host first
+    (key ``"loss_plan"``): ``batch_loss_sum`` then waits on the device for nothing."""
+    plan = loss_plan(batch)
+    out = {k: v.to(device) for k, v in batch.items()}
+    out["loss_plan"] = LossPlan(plan.multi_doc, plan.rows.to(device), plan.targets.to(device), plan.n_tok)
+    return out
+
+
 def batch_loss_sum(model, batch, chunk: int, trunk=None):
     """Summed next-token loss over supervised tokens of one micro-batch, and their count.
 
-    ``trunk``: what runs ``model.model`` (a ``train.cuda_graphs.GraphedTrunk``); default eager."""
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    doc_ids, position_ids = batch["doc_ids"], batch["position_ids"]
+    ``trunk``: what runs ``model.model`` (a ``train.cuda_graphs.GraphedTrunk``); default eager.
+    The batch's ``"loss_plan"`` (``prepare_batch``) is used when there, else made here."""
+    input_ids, doc_ids, position_ids = batch["input_ids"], batch["doc_ids"], batch["position_ids"]
+    plan = batch.get("loss_plan") or loss_plan(batch)
     B, T = input_ids.shape
-    multi_doc = bool((doc_ids[:, 1:] != doc_ids[:, :-1]).any())
-    mask = make_attn_mask(T, doc_ids=doc_ids, device=input_ids.device) if multi_doc else None
+    mask = make_attn_mask(T, doc_ids=doc_ids, device=input_ids.device) if plan.multi_doc else None
     hidden = (trunk or model.model)(input_ids, position_ids, mask)  # (B, T, C)
-    targets = causal_lm_targets(labels, doc_ids)  # (B, T-1)
-    keep = targets != -100
-    h = hidden[:, :-1][keep]  # (N, C) supervised positions only
-    return chunked_cross_entropy(h, model.lm_head.weight, targets[keep], chunk), int(keep.sum())
+    h = hidden.reshape(B * T, -1).index_select(0, plan.rows)  # (N, C) supervised positions only
+    return chunked_cross_entropy(h, model.lm_head.weight, plan.targets, chunk), plan.n_tok
 
 
 @torch.no_grad()
@@ -121,7 +150,7 @@ def eval_loss(model, plan, chunk: int, device, ranks: Ranks = Ranks()) -> float:
     mine = range(ranks.rank, len(plan), ranks.world)
     rounds = -(-len(plan) // ranks.world) if ranks.fsdp else len(mine)
     for j in range(rounds):
-        batch = {k: v.to(device) for k, v in plan.batch(0, mine[j] if j < len(mine) else 0).items()}
+        batch = prepare_batch(plan.batch(0, mine[j] if j < len(mine) else 0), device)
         loss, n = batch_loss_sum(model, batch, chunk)
         if j < len(mine):
             total += float(loss)
@@ -356,7 +385,7 @@ def optimizer_step(run: _Run, data: _Data) -> _StepOut:
     for j, b in enumerate(mine):
         if ranks.fsdp:  # reduce-scatter after the step's last backward only
             fsdp.set_grad_sync(run.model, j == len(mine) - 1)
-        b = {k: v.to(device) for k, v in b.items()}
+        b = {k: v.to(device) for k, v in b.items()} if obj else prepare_batch(b, device)
         # no autocast: the base is in the compute dtype already and each adapter casts its
         # input to its own (float32) weights' dtype, as PEFT; autocast would run the adapter
         # products in bf16 (and breaks the fused 4-bit Function's fp32 LoRA path)
