@@ -4,15 +4,16 @@ When the eval file holds TRL's preference records (``{"prompt", "chosen", "rejec
 or message lists; read and validated by ``train.preference``), ``eval.runner.run_eval`` hands
 over to ``run_preference_eval``. Each pair is one shared-prompt row, as in DPO training
 (``train.preference.sequence_logps``), under each model: the base (adapter off) and every tuned
-adapter. With pi = a model's and ref = the base's summed log-probs of chosen (c) and rejected (r):
+adapter. With pi = a model's and ref = the reference's (below) summed log-probs of chosen (c) and
+rejected (r):
 
     chosen_preferred     per pair 1 when pi_c > pi_r            (the base has its own value)
     preference_accuracy  per pair 1 when pi_c - pi_r > ref_c - ref_r   (TRL's rewards/accuracies;
                          the base against itself is 0 by definition, ties count as misses)
     mean_margin          pi_c - pi_r                             (nats; not a rate)
-    eval_loss            the DPO loss of train.loss_type / beta / gamma against the base, as
-                         DPO's eval_every computes it (with "loss" in eval.metrics; the base
-                         scores log 2 under sigmoid)
+    eval_loss            the DPO loss of train.loss_type / beta / gamma against the reference,
+                         as DPO's eval_every computes it (with "loss" in eval.metrics; the
+                         reference itself scores log 2 under sigmoid)
 
 The report is the SFT eval's (``eval.report``): means with bootstrap intervals, paired
 bootstrap differences against the base, ``report.json`` / ``report.md`` / ``predictions.jsonl``
@@ -24,8 +25,10 @@ front of a pair) and the text metrics (``exact``, ``json``, ...: nothing is gene
 said in one log line. The general-text regression check (perplexity and KL(base || tuned) of the
 first adapter) is kept: it costs two forwards of a few thousand tokens.
 
-The reference is always the base with the adapter off, also for a run trained against a
-``train.reference_adapter``.
+The reference is the one the run trained against, as in DPO's ``eval_every`` and TRL's
+evaluation: the base with the adapter off, or the frozen ``train.reference_adapter`` (an SFT
+adapter under a DPO run on it). With a reference adapter, its log-probs decide
+``preference_accuracy`` and ``eval_loss``, and the base, still its own row, scores against it.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 from leantune.base import DataError, UsageError
-from leantune.train.dpo import compute_reference, dpo_losses
+from leantune.train.dpo import REFERENCE_NAME, compute_reference, dpo_losses
 from leantune.train.preference import encode_pair, read_pairs
 from leantune.train.preference_curation import is_preference_file
 
@@ -113,6 +116,21 @@ def preference_scores(policy: torch.Tensor, ref: torch.Tensor, is_reference: boo
             "mean_margin": margin.tolist()}
 
 
+def _reference_logps(model, ref_dir, adapters: dict, logps, log) -> torch.Tensor:
+    """The pairs' log-probs under ``train.reference_adapter``, loaded frozen beside the tuned
+    adapters (a UsageError when it is missing or its label is taken)."""
+    from leantune.peft_core.adapters import load_adapter
+
+    if REFERENCE_NAME in adapters:
+        raise UsageError("--adapter", f"the label {REFERENCE_NAME!r} is train.reference_adapter's; "
+                                      "name the adapter otherwise")
+    if not (Path(ref_dir) / "adapter_config.json").is_file():
+        raise UsageError("train.reference_adapter", f"no adapter at {ref_dir}")
+    load_adapter(model, ref_dir, name=REFERENCE_NAME, trainable=False, activate=False)
+    log(f"eval: reference (train.reference_adapter {ref_dir}): scoring the pairs")
+    return logps(REFERENCE_NAME)
+
+
 def _detail(logps: torch.Tensor) -> list[str]:
     """What predictions.jsonl and report.md show as a model's "output" for each pair."""
     return [f"logp(chosen) {c:.4f}  logp(rejected) {r:.4f}  margin {c - r:+.4f}"
@@ -144,16 +162,18 @@ def run_preference_eval(cfg, model, tok, adapters: dict, data_path, *, device, m
     def logps(adapter):  # (N, 2): adapter None = the base, adapter off; else that adapter alone
         return compute_reference(model, pairs, adapter, t.loss_chunk, device, cfg.eval.batch_size, pad).double()
 
+    ref_dir = t.reference_adapter if t.objective in ("dpo", "grpo") and t.loss_type != "simpo" else ""
     log(f"eval: base: scoring {len(pairs)} preference pairs ({summary['shape']})")
-    ref = logps(None)
-    runs = [("base", ref)] if "base" in cfg.eval.baselines else []
+    base = logps(None)
+    ref = base if not ref_dir else _reference_logps(model, ref_dir, adapters, logps, log)
+    runs = [("base", base)] if "base" in cfg.eval.baselines else []
     for name in adapters:
         log(f"eval: {name}: scoring {len(pairs)} preference pairs")
         runs.append((name, logps(name)))
 
     results, losses, details = {}, {}, {}
     for label, pol in runs:
-        results[label] = preference_scores(pol, ref, is_reference=label == "base")
+        results[label] = preference_scores(pol, ref, is_reference=label == "base" and not ref_dir)
         details[label] = _detail(pol)
         if "loss" in cfg.eval.metrics:
             lo, _ = dpo_losses(pol, counts, ref, t.loss_type, t.beta, t.gamma)
@@ -163,7 +183,8 @@ def run_preference_eval(cfg, model, tok, adapters: dict, data_path, *, device, m
                         "data": str(data_path), "kind": "preference"},
              "preference": {"pairs": len(pairs), "records": summary["records"], "shape": summary["shape"],
                             "truncated": summary["truncated"], "dropped": summary["dropped"],
-                            "max_len": cfg.data.max_len, "reference": "base (adapter off)",
+                            "max_len": cfg.data.max_len,
+                            "reference": f"the adapter {ref_dir}" if ref_dir else "base (adapter off)",
                             "eval_loss": (f"dpo {t.loss_type}, beta {t.beta}"
                                           + (f", gamma {t.gamma}" if t.loss_type == "simpo" else ""))
                             if losses else None}}

@@ -145,6 +145,36 @@ def test_scores_match_separate_float64_forwards(setup):
     assert pred[0]["outputs"]["tuned"].startswith("logp(chosen) ")
 
 
+def test_reference_adapter_is_the_reference(setup):
+    """A DPO run trained against ``train.reference_adapter`` is scored against it, as its
+    eval_every was: preference_accuracy and eval_loss from the reference's margins. With the
+    tuned adapter as its own reference, it beats itself on no pair and scores log 2; the base
+    is scored against the reference too (its accuracy no longer 0 by definition)."""
+    from leantune.base import UsageError
+    from leantune.eval.runner import run_eval
+
+    tmp, model_dir, adapter, data = setup
+    path = write_config(tmp, "refrun", data, metrics=["loss"])
+    text = path.read_text().replace("beta = 0.5\n", f'beta = 0.5\nobjective = "dpo"\nreference_adapter = "{adapter}"\n')
+    path.write_text(text)
+    cfg = load_config(path)
+    logs = []
+    report = run_eval(cfg, adapters={"tuned": adapter}, log=logs.append)
+    assert any("reference (train.reference_adapter" in m for m in logs)
+    assert report["preference"]["reference"] == f"the adapter {adapter}"
+    base, tuned = plain_scores(model_dir, adapter)
+    per = report["per_item"]
+    assert per["tuned"]["preference_accuracy"] == [0.0] * len(PAIRS)
+    assert per["base"]["preference_accuracy"] == [float(b > t) for b, t in zip(base, tuned)]
+    assert 0.0 < report["models"]["base"]["preference_accuracy"] < 1.0  # the test means something
+    assert report["models"]["tuned"]["eval_loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    h = torch.tensor(base, dtype=torch.float64) - torch.tensor(tuned, dtype=torch.float64)
+    assert report["models"]["base"]["eval_loss"] == pytest.approx(float(-F.logsigmoid(0.5 * h).mean()), abs=1e-5)
+    # the label is the reference's
+    with pytest.raises(UsageError):
+        run_eval(load_config(path), adapters={"reference": adapter}, log=lambda m: None)
+
+
 def test_primary_metric_from_eval_metrics_and_max_items(setup):
     from leantune.eval.runner import run_eval
 
