@@ -19,7 +19,13 @@ Providers compared in one run, median with 20/80 quantiles (``triton.testing.do_
 Rows are appended to ``bench/results/<device>-<date>.json`` (a JSON list) with device, date
 and versions. Without CUDA it prints a line and exits 0.
 
+``--rehearse`` runs every section once on the CPU under ``TRITON_INTERPRET=1`` at toy shapes
+(each case called once and timed with a wall clock; the numbers mean nothing) and writes
+``rehearsal-cpu-interpret-<date>.json``: ``make test`` runs it, so a benchmark that no longer
+matches the kernels' API fails in CI, not in the first minutes of a lent GPU.
+
     python bench/bench_quant_gpu.py [--quick] [--out bench/results]
+    python bench/bench_quant_gpu.py --rehearse --out /tmp/rehearsal
 """
 from __future__ import annotations
 
@@ -33,12 +39,17 @@ import platform
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 QUANTILES = [0.5, 0.2, 0.8]
+# where the benchmark runs and its activation dtype: "cuda" and bf16, or for --rehearse "cpu"
+# (Triton's interpreter, toy shapes) and fp16 (the interpreter's bf16 dot returns garbage)
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
 
 
 def _versions() -> dict:
@@ -78,6 +89,11 @@ def _quantize(w: torch.Tensor, blocksize: int = 64):
 
 
 def _bench(fn) -> tuple[float, float, float]:
+    if DEVICE != "cuda":  # rehearsal: one call, wall clock
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
     import triton.testing
 
     fn()  # autotune and compile outside the timing
@@ -106,19 +122,19 @@ def bench_dequant(rec: Recorder, shapes, copy_gbps: float, sweep: bool = True) -
     from leantune.quant.triton_dequant import dequantize_4bit_triton
 
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
         packed, state = _quantize(w)
         nested_bytes = state.nested.absmax.numel() * 4 + 256 * 4 if state.nested is not None else 0
         moved = packed.numel() + state.absmax.numel() * state.absmax.element_size() + nested_bytes \
             + w.numel() * 2
-        t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=torch.bfloat16))
+        t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=DTYPE))
         gbps = moved / (t[0] * 1e-3) / 1e9
         rec.add("dequantize", "triton", (n, k), t, gbps=gbps, frac_of_copy=gbps / copy_gbps,
                 target=0.85, met=gbps / copy_gbps >= 0.85,
                 block_bytes=triton_dequant.BLOCK_BYTES, num_warps=triton_dequant.NUM_WARPS)
         for bb in ((1024, 2048, 4096, 8192) if sweep else ()):
             for nw in (4, 8):
-                t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=torch.bfloat16,
+                t = _bench(lambda: dequantize_4bit_triton(packed, state, dtype=DTYPE,
                                                           block_bytes=bb, num_warps=nw))
                 gbps = moved / (t[0] * 1e-3) / 1e9
                 rec.add("dequant_sweep", f"triton {bb}B/{nw}w", (n, k), t, gbps=gbps,
@@ -131,7 +147,7 @@ def bench_dequant(rec: Recorder, shapes, copy_gbps: float, sweep: bool = True) -
 
 
 def measure_copy_gbps(rec: Recorder, nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     t = _bench(lambda: dst.copy_(src))
     gbps = 2 * nbytes / (t[0] * 1e-3) / 1e9
@@ -159,9 +175,9 @@ def bench_matmul(rec: Recorder, m: int, n: int, k: int, transpose: bool) -> None
     from leantune.quant import functional as F
     from leantune.quant.triton_matmul import matmul_4bit_triton
 
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
     packed, state = _quantize(w)
-    x = torch.randn(m, n if transpose else k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, n if transpose else k, device=DEVICE, dtype=DTYPE)
     flops = 2.0 * m * n * k
     name = "matmul_bwd" if transpose else ("decode" if m == 1 else "matmul")
     wd = w.clone()
@@ -209,11 +225,11 @@ def bench_crossover(rec: Recorder, ms, n: int = 4096, k: int = 4096) -> None:
     """Fused kernel vs Triton dequantize + cuBLAS over M (forward and transposed), bf16."""
     from leantune.quant.triton_matmul import matmul_4bit_triton
 
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) * 0.02
     packed, state = _quantize(w)
     for transpose in (False, True):
         for m in ms:
-            x = torch.randn(m, n if transpose else k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, n if transpose else k, device=DEVICE, dtype=DTYPE)
             with _lut(True):
                 t_r = _bench(lambda: matmul_4bit_triton(x, packed, state, transpose=transpose, fused=True))
             with _lut(False):
@@ -243,25 +259,28 @@ def _backend(value: str | None):
 
 
 def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: int = 14336, heads: int = 32,
-                  head_dim: int = 128, rank: int = 16, vocab: int = 128256) -> None:
-    """Triton kernels against the PyTorch spec, forward and backward (the autograd Functions)."""
+                  head_dim: int = 128, rank: int = 16, vocab: int = 128256, xent_rows: int = 1024,
+                  xent_hidden: int = 2048) -> None:
+    """Triton kernels against the PyTorch spec, forward and backward (the autograd Functions).
+    On a GPU the kernel side is leantune's own choice (no backend forced); a rehearsal on the
+    CPU forces Triton (its interpreter), since the CPU's own choice is the C kernels."""
     from leantune.quant import lora_mixed, rowops
     from leantune.quant.chunked_ce import chunked_cross_entropy
 
-    bf = dict(device="cuda", dtype=torch.bfloat16)
+    bf = dict(device=DEVICE, dtype=DTYPE)
     x = torch.randn(tokens, hidden, **bf, requires_grad=True)
     w = torch.ones(hidden, **bf, requires_grad=True)
     g = torch.randn(tokens, inter, **bf, requires_grad=True)
     u = torch.randn(tokens, inter, **bf, requires_grad=True)
     q = torch.randn(1, tokens, heads, head_dim, **bf).transpose(1, 2).requires_grad_()
-    ang = torch.rand(1, 1, tokens, head_dim, device="cuda")
-    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
-    A = torch.randn(rank, hidden, device="cuda") * 0.01
-    B = torch.randn(hidden, rank, device="cuda") * 0.01
-    xa = torch.randn(tokens, rank, device="cuda")
-    head = torch.randn(vocab, 2048, **bf) * 0.02
-    hh = torch.randn(1024, 2048, **bf, requires_grad=True)
-    tgt = torch.randint(0, vocab, (1024,), device="cuda")
+    ang = torch.rand(1, 1, tokens, head_dim, device=DEVICE)
+    cos, sin = ang.cos().to(DTYPE), ang.sin().to(DTYPE)
+    A = torch.randn(rank, hidden, device=DEVICE) * 0.01
+    B = torch.randn(hidden, rank, device=DEVICE) * 0.01
+    xa = torch.randn(tokens, rank, device=DEVICE)
+    head = torch.randn(vocab, xent_hidden, **bf) * 0.02
+    hh = torch.randn(xent_rows, xent_hidden, **bf, requires_grad=True)
+    tgt = torch.randint(0, vocab, (xent_rows,), device=DEVICE)
 
     def fwd_bwd(f, inputs):
         def run():
@@ -276,10 +295,11 @@ def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: 
         "lora_down": lambda: lora_mixed.down(x.detach(), A),
         "lora_up": lambda: lora_mixed.up(x.detach(), xa, B.t(), 2.0),
         "lora_tgrad": lambda: lora_mixed.tgrad(xa, x.detach(), 2.0),
-        "xent_1024_rows": fwd_bwd(lambda: chunked_cross_entropy(hh, head, tgt, 1024), (hh,)),
+        f"xent_{xent_rows}_rows": fwd_bwd(lambda: chunked_cross_entropy(hh, head, tgt, 1024), (hh,)),
     }
+    kernels = None if DEVICE == "cuda" else "triton"
     for name, fn in cases.items():
-        with _backend(None):
+        with _backend(kernels):
             t_k = _bench(fn)
         with _backend("reference"):
             t_r = _bench(fn)
@@ -287,33 +307,54 @@ def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: 
 
 
 def main(argv=None) -> int:
+    global DEVICE, DTYPE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one shape a section")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="every section once, on the CPU under TRITON_INTERPRET=1, at toy shapes")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_quant_gpu: no CUDA device, skipped")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("bench_quant_gpu: TRITON_INTERPRET is set; unset it to benchmark")
-        return 2
-
-    device = torch.cuda.get_device_name()
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if args.rehearse:
+        if not interpret:
+            print("bench_quant_gpu: --rehearse needs TRITON_INTERPRET=1 set before Python starts")
+            return 2
+        DEVICE, DTYPE = "cpu", torch.float16
+        device = "rehearsal-cpu-interpret"
+    else:
+        if not torch.cuda.is_available():
+            print("bench_quant_gpu: no CUDA device, skipped")
+            return 0
+        if interpret:
+            print("bench_quant_gpu: TRITON_INTERPRET is set; unset it to benchmark")
+            return 2
+        device = torch.cuda.get_device_name()
     date = dt.datetime.now(dt.timezone.utc)
-    meta = dict(device=device, date=date.isoformat(timespec="seconds"), **_versions())
+    meta = dict(device=device, date=date.isoformat(timespec="seconds"), dtype=str(DTYPE).removeprefix("torch."),
+                **_versions())
     rec = Recorder(meta)
 
-    copy_gbps = measure_copy_gbps(rec)
-    bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps,
-                  sweep=not args.quick)
-    bench_matmul(rec, 4096, 4096, 4096, transpose=False)
-    if not args.quick:
-        bench_matmul(rec, 4096, 4096, 4096, transpose=True)
-    bench_matmul(rec, 1, 14336, 4096, transpose=False)
-    bench_matmul(rec, 1, 4096, 14336, transpose=False)
-    bench_row_ops(rec)
-    if not args.quick:
-        bench_crossover(rec, [16, 64, 256, 512, 1024, 2048, 4096])
+    if args.rehearse:  # the GPU run's sections and code paths, at shapes the interpreter runs in seconds
+        copy_gbps = measure_copy_gbps(rec, nbytes=1 << 20)
+        bench_dequant(rec, [(128, 256)], copy_gbps, sweep=False)
+        bench_matmul(rec, 32, 128, 256, transpose=False)
+        bench_matmul(rec, 32, 128, 256, transpose=True)
+        bench_matmul(rec, 1, 256, 128, transpose=False)
+        bench_row_ops(rec, tokens=32, hidden=128, inter=256, heads=2, head_dim=64, rank=16, vocab=512,
+                      xent_rows=32, xent_hidden=64)
+        bench_crossover(rec, [16, 32], n=128, k=128)
+    else:
+        copy_gbps = measure_copy_gbps(rec)
+        bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps,
+                      sweep=not args.quick)
+        bench_matmul(rec, 4096, 4096, 4096, transpose=False)
+        if not args.quick:
+            bench_matmul(rec, 4096, 4096, 4096, transpose=True)
+        bench_matmul(rec, 1, 14336, 4096, transpose=False)
+        bench_matmul(rec, 1, 4096, 14336, transpose=False)
+        bench_row_ops(rec)
+        if not args.quick:
+            bench_crossover(rec, [16, 64, 256, 512, 1024, 2048, 4096])
 
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

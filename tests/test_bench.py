@@ -156,3 +156,15 @@ def test_sweep_plots_and_appended_records(tmp_path):
                      "cpu-test-2026-01-02-e2e.md"]
     assert len(json.loads((tmp_path / "cpu-test-2026-01-02-e2e.json").read_text())["runs"]) == 2
     assert (tmp_path / "cpu-test-2026-01-02-e2e.md").read_text().count("| 2.00x |") == 6
+
+
+def test_profile_step_runs_the_e2e_step_under_the_profiler(tiny_dir, capsys):
+    """bench/profile_step.py (gpu_suite.sh's profile stage) on the CPU: the e2e harness's step,
+    timed, then profiled; the table lists the step's own ops."""
+    from leantune.bench import profile_step
+
+    assert profile_step.main(["--model", str(tiny_dir), "--seq", "16", "--batch", "2", "--rank", "4",
+                              "--dtype", "float32", "--top", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "leantune tiny float32 B=2 T=16 r=4: step" in out and " ms wall" in out
+    assert "aten::mm" in out and "Self CPU" in out
