@@ -14,7 +14,8 @@ Providers compared in one run, median with 20/80 quantiles (``triton.testing.do_
 
 4. the row ops and LoRA products (``quant/triton_rowops.py``, ``quant/triton_lora.py``) at
    Llama-8B shapes, 2048 tokens, r16, bf16 activations, fp32 adapter: each kernel against the
-   PyTorch spec it replaces (``LEANTUNE_BACKEND=reference``), forward + backward.
+   PyTorch spec it replaces (``LEANTUNE_BACKEND=reference``), forward + backward, with the
+   largest error of the output and gradients against the spec's (``rel_err``).
 
 Rows are appended to ``bench/results/<device>-<date>.json`` (a JSON list) with device, date
 and versions. Without CUDA it prints a line and exits 0.
@@ -285,7 +286,7 @@ def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: 
     def fwd_bwd(f, inputs):
         def run():
             out = f()
-            torch.autograd.grad(out, inputs, torch.ones_like(out))
+            return (out, *torch.autograd.grad(out, inputs, torch.ones_like(out)))
         return run
 
     cases = {
@@ -301,9 +302,16 @@ def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: 
     for name, fn in cases.items():
         with _backend(kernels):
             t_k = _bench(fn)
+            got = fn()
         with _backend("reference"):
             t_r = _bench(fn)
-        rec.add(name, "triton / spec", (tokens, hidden), t_k, spec_ms=t_r[0], speedup=t_r[0] / t_k[0])
+            want = fn()
+        # the largest error of the output and each gradient, relative to that tensor's largest value
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        rel_err = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+                      for a, b in zip(got, want))
+        rec.add(name, "triton / spec", (tokens, hidden), t_k, spec_ms=t_r[0], speedup=t_r[0] / t_k[0],
+                rel_err=rel_err)
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,9 @@
 """The GPU micro-benchmark (bench/bench_quant_gpu.py) rehearsed on the CPU: every section runs
 once under Triton's interpreter at toy shapes, so a benchmark that drifted from the kernels'
-API fails here and not in the first minutes of a lent GPU. Its fused-matmul error columns are
-checked against the float32 product of the reference dequantization (fp16 activations: the
-interpreter's bf16 dot returns garbage)."""
+API fails here and not in the first minutes of a lent GPU. Its error columns are checked: the
+fused matmuls against the float32 product of the reference dequantization, the row ops and
+LoRA products (output and gradients) against the PyTorch spec they replace (fp16
+activations: the interpreter's bf16 dot returns garbage)."""
 from __future__ import annotations
 
 import importlib.util
@@ -38,7 +39,7 @@ def test_every_section_of_the_gpu_benchmark_runs_and_its_kernels_are_right(tmp_p
     if rows[0]["bitsandbytes"] is not None:  # the peer's calls are rehearsed too where it imports
         assert {(b, "bitsandbytes") for b in ("dequantize", "matmul", "matmul_bwd", "decode")} <= seen
     errs = {(r["bench"], r["provider"]): r["rel_err"] for r in rows if "rel_err" in r}
-    assert len(errs) == 8
+    assert len(errs) == 8 + 7  # 3 fused variants x 2 + 2 decode; 7 row ops and LoRA products
     for key, err in errs.items():  # fp16 rounding of the weight and output: ~5e-4 of the max
         assert err < 4e-3, (key, err)
     assert all(r["dtype"] == "float16" and r["device"] == "rehearsal-cpu-interpret" for r in rows)
