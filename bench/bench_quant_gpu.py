@@ -314,6 +314,21 @@ def bench_row_ops(rec: Recorder, tokens: int = 2048, hidden: int = 4096, inter: 
                 rel_err=rel_err)
 
 
+def _plan(rehearse: bool, quick: bool) -> dict:
+    """The shapes of each section: a GPU run's (fewer with ``quick``), or a rehearsal's toy
+    shapes, which the interpreter runs in seconds."""
+    if rehearse:
+        return dict(copy_bytes=1 << 20, dequant=[(128, 256)], sweep=False, matmul=(32, 128, 256), matmul_bwd=True,
+                    decode=[(256, 128)],
+                    row_ops=dict(tokens=32, hidden=128, inter=256, heads=2, head_dim=64, rank=16, vocab=512,
+                                 xent_rows=32, xent_hidden=64),
+                    crossover=dict(ms=[16, 32], n=128, k=128))
+    return dict(copy_bytes=1 << 30, dequant=[(14336, 4096)] if quick else [(4096, 4096), (14336, 4096)],
+                sweep=not quick, matmul=(4096, 4096, 4096), matmul_bwd=not quick,
+                decode=[(14336, 4096), (4096, 14336)], row_ops={},
+                crossover=None if quick else dict(ms=[16, 64, 256, 512, 1024, 2048, 4096]))
+
+
 def main(argv=None) -> int:
     global DEVICE, DTYPE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -342,27 +357,19 @@ def main(argv=None) -> int:
                 **_versions())
     rec = Recorder(meta)
 
-    if args.rehearse:  # the GPU run's sections and code paths, at shapes the interpreter runs in seconds
-        copy_gbps = measure_copy_gbps(rec, nbytes=1 << 20)
-        bench_dequant(rec, [(128, 256)], copy_gbps, sweep=False)
-        bench_matmul(rec, 32, 128, 256, transpose=False)
-        bench_matmul(rec, 32, 128, 256, transpose=True)
-        bench_matmul(rec, 1, 256, 128, transpose=False)
-        bench_row_ops(rec, tokens=32, hidden=128, inter=256, heads=2, head_dim=64, rank=16, vocab=512,
-                      xent_rows=32, xent_hidden=64)
-        bench_crossover(rec, [16, 32], n=128, k=128)
-    else:
-        copy_gbps = measure_copy_gbps(rec)
-        bench_dequant(rec, [(14336, 4096)] if args.quick else [(4096, 4096), (14336, 4096)], copy_gbps,
-                      sweep=not args.quick)
-        bench_matmul(rec, 4096, 4096, 4096, transpose=False)
-        if not args.quick:
-            bench_matmul(rec, 4096, 4096, 4096, transpose=True)
-        bench_matmul(rec, 1, 14336, 4096, transpose=False)
-        bench_matmul(rec, 1, 4096, 14336, transpose=False)
-        bench_row_ops(rec)
-        if not args.quick:
-            bench_crossover(rec, [16, 64, 256, 512, 1024, 2048, 4096])
+    # one sequence of sections for both runs; a rehearsal only shrinks the shapes
+    plan = _plan(args.rehearse, args.quick)
+    copy_gbps = measure_copy_gbps(rec, nbytes=plan["copy_bytes"])
+    bench_dequant(rec, plan["dequant"], copy_gbps, sweep=plan["sweep"])
+    m, n, k = plan["matmul"]
+    bench_matmul(rec, m, n, k, transpose=False)
+    if plan["matmul_bwd"]:
+        bench_matmul(rec, m, n, k, transpose=True)
+    for n, k in plan["decode"]:
+        bench_matmul(rec, 1, n, k, transpose=False)
+    bench_row_ops(rec, **plan["row_ops"])
+    if plan["crossover"] is not None:
+        bench_crossover(rec, **plan["crossover"])
 
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
